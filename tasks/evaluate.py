@@ -1,0 +1,186 @@
+"""Stage 4: evaluate the selected model once on the test split.
+
+Writes to ``<output>/``: metrics.json (test accuracy, precision, recall, F1, ROC-AUC with patient-level bootstrap
+confidence intervals, the confusion matrix, positive class and threshold, and the validation metrics of the
+selected checkpoint, for ``dvc metrics``), predictions.csv (per image; ``dvc plots`` confusion matrix), roc.csv
+and pr.csv (``dvc plots`` curves) and roc.png / pr.png / confusion.png, all also logged to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks import tracking
+from tasks.config import Params, load_params_or_exit
+from tasks.metrics import classification_metrics, predict_labels
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: dict[str, float]
+    n_test: int
+
+
+def bootstrap_ci(
+    y: np.ndarray, proba: np.ndarray, groups: list[str], positive_class: int, threshold: float, n: int, ci: float,
+    seed: int,
+) -> dict[str, tuple[float, float]]:
+    """Percentile confidence intervals of each metric, resampling patients (not images) with replacement.
+
+    Args:
+        y: (N,) labels. proba: (N, K) probabilities. groups: (N,) patient id of each image.
+        n: number of resamples. ci: coverage, e.g. 0.95. seed: RNG seed.
+
+    Returns:
+        ``{metric: (low, high)}``; NaN bounds when n == 0.
+    """
+    names = ("accuracy", "precision", "recall", "f1", "auc")
+    if n == 0:
+        return {k: (float("nan"), float("nan")) for k in names}
+    rng = np.random.default_rng(seed)
+    patients, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(len(patients))]
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(n):
+        pick = rng.integers(0, len(patients), len(patients))
+        idx = np.concatenate([members[i] for i in pick])
+        m = classification_metrics(y[idx], proba[idx], positive_class, threshold)
+        for k in names:
+            samples[k].append(m[k])
+    alpha = (1 - ci) / 2
+    return {k: (float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha))) for k, v in samples.items()}
+
+
+def curves(y: np.ndarray, proba: np.ndarray, positive_class: int) -> tuple[list[dict], list[dict]]:
+    """ROC and PR curve points of the positive class (one-vs-rest for multi-class)."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    yb = (y == positive_class).astype(int)
+    if yb.min() == yb.max():
+        return [], []
+    fpr, tpr, thr = roc_curve(yb, proba[:, positive_class])
+    prec, rec, _ = precision_recall_curve(yb, proba[:, positive_class])
+    roc = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))} for a, b, c in zip(fpr, tpr, thr)]
+    pr = [{"recall": float(a), "precision": float(b)} for a, b in zip(rec, prec)]
+    return roc, pr
+
+
+def plot_all(output: Path, roc: list[dict], pr: list[dict], cm: np.ndarray, class_names: list[str], m: dict) -> list[Path]:
+    """ROC, PR and confusion-matrix PNGs; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if roc:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot([r["fpr"] for r in roc], [r["tpr"] for r in roc], lw=2, label=f"AUC {m['test_auc']:.3f}")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test)")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(output / "roc.png", dpi=120)
+        paths.append(output / "roc.png")
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot([r["recall"] for r in pr], [r["precision"] for r in pr], lw=2)
+        ax.set(xlabel="recall", ylabel="precision", title="Precision-recall (test)", ylim=(0, 1.02))
+        fig.tight_layout()
+        fig.savefig(output / "pr.png", dpi=120)
+        paths.append(output / "pr.png")
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="black")
+    ax.set(xlabel="predicted", ylabel="actual", title="Confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(output / "confusion.png", dpi=120)
+    paths.append(output / "confusion.png")
+    plt.close("all")
+    return paths
+
+
+def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> EvaluateResult:
+    """Evaluate on the test split once; write metrics, curves and plots; log them to the training run."""
+    from sklearn.metrics import confusion_matrix
+
+    from tasks.models import load_trained, predict_proba
+
+    spec, model = load_trained(model_dir)
+    x = np.load(data_dir / "test_x.npy")
+    y = np.load(data_dir / "test_y.npy")
+    with (data_dir / "test_ids.csv").open(newline="") as fh:
+        ids = list(csv.DictReader(fh))
+    if len(y) == 0 or (y < 0).any():
+        raise ValueError(f"{data_dir / 'test_y.npy'}: the test split is empty or has unlabelled samples")
+    ev, pos = params.evaluate, params.base.positive_class
+    proba = predict_proba(model, spec, x, svm_feature_size=params.train.svm.feature_size)
+    point = classification_metrics(y, proba, pos, ev.threshold)
+    cis = bootstrap_ci(y, proba, [r["patient_id"] for r in ids], pos, ev.threshold, ev.bootstrap, ev.ci, params.base.seed)
+    pred = predict_labels(proba, pos, ev.threshold)
+    cm = confusion_matrix(y, pred, labels=list(range(spec.num_classes)))
+    val = json.loads((model_dir / "val_metrics.json").read_text())
+
+    metrics: dict = {f"test_{k}": v for k, v in point.items()}
+    for k, (lo, hi) in cis.items():
+        metrics[f"test_{k}_ci_low"], metrics[f"test_{k}_ci_high"] = lo, hi
+    metrics.update({k: v for k, v in val.items() if k.startswith("val_")})
+    metrics["n_test"] = int(len(y))
+    report = {
+        **metrics,
+        "positive_class": spec.class_names[pos] if spec.class_names else pos,
+        "threshold": ev.threshold,
+        "ci_level": ev.ci,
+        "bootstrap_resamples": ev.bootstrap,
+        "bootstrap_unit": "patient",
+        "confusion_matrix": cm.tolist(),
+        "class_names": list(spec.class_names),
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
+    with (output / "predictions.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_id", "patient_id", "actual", "predicted", *[f"p_{n}" for n in names]])
+        for r, t, p, pr_row in zip(ids, y, pred, proba):
+            w.writerow([r["image_id"], r["patient_id"], names[t], names[p], *[f"{v:.6f}" for v in pr_row]])
+    roc, pr = curves(y, proba, pos)
+    for name, rows in (("roc.csv", roc), ("pr.csv", pr)):
+        with (output / name).open("w", newline="") as fh:
+            fields = list(rows[0].keys()) if rows else ["x", "y"]
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+    pngs = plot_all(output, roc, pr, cm, names, metrics)
+
+    run_id = tracking.read_run_id(model_dir)
+    tracking.log_metrics(run_id, metrics)
+    tracking.log_artifacts(run_id, [output / "metrics.json", output / "predictions.csv", *pngs], "evaluate")
+    return EvaluateResult(metrics=metrics, n_test=len(y))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", type=Path, default=Path("models/train"))
+    ap.add_argument("--data", type=Path, default=Path("data/preprocessed"))
+    ap.add_argument("--output", type=Path, default=Path("reports/evaluate"))
+    args = ap.parse_args(argv)
+    params = load_params_or_exit(args.params)
+    res = run(params, args.model, args.data, args.output)
+    m = res.metrics
+    print(f"test metrics (n={res.n_test}, {params.evaluate.ci:.0%} CI by patient bootstrap):")
+    for k in ("accuracy", "precision", "recall", "f1", "auc"):
+        print(f"  {k:<10} {m[f'test_{k}']:.4f}  [{m[f'test_{k}_ci_low']:.4f}, {m[f'test_{k}_ci_high']:.4f}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Stage 2: turn ingested arrays into fixed-shape, normalised tensors, cached per split.
+
+MONAI dictionary transforms, driven by params: load the array, add a channel axis, map intensities to [0, 1]
+(an HU window for CT, /255 for 8-bit sources), resize keeping the aspect ratio and pad/crop to the fixed
+``spatial_size``. The result is written once so that training never decodes DICOM or resamples again:
+
+``<output>/{split}_x.npy``  float16 (N, C, *spatial_size), values in [0, 1]
+``<output>/{split}_y.npy``  int64 (N,) class index (-1 where the manifest has no label)
+``<output>/{split}_ids.csv`` image_id, patient_id, label — row order of the arrays
+``<output>/meta.json``      spatial_dims, in_channels, num_classes, class_names, spatial_size, intensity, counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import Params, PreprocessParams, load_params_or_exit
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    meta: dict[str, Any]
+    counts: dict[str, int]
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Read ingest's manifest.csv, checking the columns this stage needs."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: manifest not found (did the ingest stage run?)")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    need = {"image_id", "patient_id", "label", "split", "path"}
+    missing = need - set(rows[0].keys() if rows else need)
+    if missing:
+        raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
+    if not rows:
+        raise ValueError(f"{path}: manifest has no rows (every input file was quarantined? see quarantine.csv)")
+    return rows
+
+
+def intensity_spec(params: PreprocessParams, unit: str) -> dict[str, Any]:
+    """How stored values map to the model's [0, 1] input: an HU window, or /255 for 8-bit sources."""
+    if unit == "uint8":
+        return {"kind": "uint8", "a_min": 0.0, "a_max": 255.0}
+    lo = params.window_center - params.window_width / 2
+    return {
+        "kind": "hu_window",
+        "center": params.window_center,
+        "width": params.window_width,
+        "a_min": lo,
+        "a_max": lo + params.window_width,
+    }
+
+
+def build_transforms(intensity: dict[str, Any], spatial_size: list[int] | None):
+    """The MONAI dictionary transform chain applied to each ``{"image": path}`` item."""
+    from monai import transforms as mt
+
+    chain = [
+        mt.LoadImaged(keys="image", reader="NumpyReader", image_only=True),
+        mt.EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+        mt.ScaleIntensityRanged(
+            keys="image", a_min=intensity["a_min"], a_max=intensity["a_max"], b_min=0.0, b_max=1.0, clip=True
+        ),
+    ]
+    if spatial_size is not None:
+        chain += [
+            mt.Resized(keys="image", spatial_size=max(spatial_size), size_mode="longest", mode="area"),
+            mt.ResizeWithPadOrCropd(keys="image", spatial_size=spatial_size, mode="constant"),
+        ]
+    chain.append(mt.EnsureTyped(keys="image", dtype=np.float32, data_type="numpy", track_meta=False))
+    return mt.Compose(chain)
+
+
+def _spatial_size(params: PreprocessParams, sample_ndim: int, source: Path) -> list[int] | None:
+    size = params.spatial_size
+    if size is not None and len(size) != sample_ndim:
+        raise ValueError(
+            f"preprocess.spatial_size: {size} has {len(size)} axes but the images in {source} have {sample_ndim} "
+            f"spatial axes; give {sample_ndim} sizes or null to keep the native size"
+        )
+    return size
+
+
+def run(params: Params, inputs: Path, output: Path) -> PreprocessResult:
+    """Preprocess every manifest row into per-split cached arrays.
+
+    Args:
+        params: validated params (reads ``base`` and ``preprocess``).
+        inputs: the ingest output folder (manifest.csv, arrays/).
+        output: where the cached tensors and meta.json go.
+    """
+    from tqdm import tqdm
+
+    rows = read_manifest(inputs / "manifest.csv")
+    unit = rows[0].get("unit") or "HU"
+    first = np.load(inputs / rows[0]["path"], mmap_mode="r")
+    spatial = _spatial_size(params.preprocess, first.ndim, inputs)
+    intensity = intensity_spec(params.preprocess, unit)
+    transform = build_transforms(intensity, spatial)
+    output.mkdir(parents=True, exist_ok=True)
+
+    counts: dict[str, int] = {}
+    shape: tuple[int, ...] | None = None
+    for split in SPLITS:
+        members = [r for r in rows if r["split"] == split]
+        counts[split] = len(members)
+        xs = []
+        for row in tqdm(members, desc=f"preprocess {split}", unit="img", leave=False):
+            x = transform({"image": str(inputs / row["path"])})["image"]
+            if shape is None:
+                shape = tuple(x.shape)
+            elif tuple(x.shape) != shape:
+                raise ValueError(
+                    f"{inputs / row['path']}: preprocessed shape {x.shape} differs from {shape}; "
+                    "set preprocess.spatial_size so every image gets the same shape"
+                )
+            xs.append(x.astype(np.float16))
+        x_arr = np.stack(xs) if xs else np.zeros((0, *(shape or (1, 1, 1))), np.float16)
+        y_arr = np.array([int(r["label"]) if r["label"] not in ("", None) else -1 for r in members], np.int64)
+        np.save(output / f"{split}_x.npy", x_arr)
+        np.save(output / f"{split}_y.npy", y_arr)
+        with (output / f"{split}_ids.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image_id", "patient_id", "label"])
+            w.writerows([r["image_id"], r["patient_id"], r["label"]] for r in members)
+
+    if counts["train"] == 0 or counts["val"] == 0:
+        raise ValueError(f"{inputs / 'manifest.csv'}: the train and val splits must not be empty ({counts})")
+    assert shape is not None
+    spacing = json.loads(rows[0]["spacing"]) if rows[0].get("spacing") else None
+    meta = {
+        "spatial_dims": len(shape) - 1,
+        "in_channels": shape[0],
+        "input_shape": list(shape),
+        "num_classes": len(params.base.class_names),
+        "class_names": params.base.class_names,
+        "positive_class": params.base.positive_class,
+        "spatial_size": list(shape[1:]),
+        "intensity": intensity,
+        "source_spacing_mm": spacing,
+        "counts": counts,
+        "storage_dtype": "float16",
+    }
+    (output / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return PreprocessResult(meta=meta, counts=counts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tasks.preprocess", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--input", type=Path, default=Path("data/ingested"))
+    ap.add_argument("--output", type=Path, default=Path("data/preprocessed"))
+    args = ap.parse_args(argv)
+    params = load_params_or_exit(args.params)
+    result = run(params, args.input, args.output)
+    print(
+        f"preprocess: {result.meta['spatial_dims']}D tensors {result.meta['input_shape']} "
+        f"({result.meta['intensity']['kind']}), counts {result.counts} -> {args.output}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The only module that talks to MLflow: the tracking store, runs, and (below) the model registry.
+
+Default store: ``sqlite:///mlflow/mlflow.db`` with artifacts under ``mlflow/artifacts`` (relative to the working
+directory, which is the repository root for every stage). ``MLFLOW_TRACKING_URI`` overrides it (e.g. an MLflow
+server on PostgreSQL). One MLflow run per pipeline execution: the train stage opens it and writes its id to
+``<train output>/mlflow_run.json``; evaluate, export and promote log into the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+RUN_FILE = "mlflow_run.json"
+
+
+def tracking_uri() -> str:
+    """The tracking URI in effect: ``MLFLOW_TRACKING_URI`` or the project's sqlite store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    store = Path("mlflow").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _default_artifact_location(experiment: str) -> str | None:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None  # a server decides where artifacts go
+    return (Path("mlflow").resolve() / "artifacts" / experiment).as_uri()
+
+
+def client() -> MlflowClient:
+    """An MlflowClient on the configured tracking and registry store."""
+    import logging
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    # alembic prints its migrations at INFO on a fresh sqlite store: noise for a person reading the stage log
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    return MlflowClient()
+
+
+def experiment_id(name: str) -> str:
+    """Get or create the experiment ``name``; returns its id."""
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=_default_artifact_location(name))
+
+
+def git_commit() -> str:
+    """The current git commit (with ``-dirty`` when the work tree has changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def start_run(experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+    """Open a new run (and leave it RUNNING for the later stages); returns its id."""
+    c = client()
+    run = c.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
+    log_params(run.info.run_id, params)
+    return run.info.run_id
+
+
+def write_run_file(directory: Path, run_id: str) -> None:
+    (directory / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}) + "\n")
+
+
+def read_run_id(directory: Path) -> str:
+    """The run id the train stage wrote to ``directory``; fails naming the file if it is absent or unknown."""
+    path = directory / RUN_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no MLflow run id (did the train stage run?)")
+    run_id = json.loads(path.read_text())["run_id"]
+    try:
+        client().get_run(run_id)
+    except Exception as exc:  # mlflow raises MlflowException with a store-specific message
+        raise RuntimeError(
+            f"{path}: run {run_id} is not in the tracking store {tracking_uri()} "
+            "(the store was moved or MLFLOW_TRACKING_URI changed); rerun the train stage (dvc repro -f train)"
+        ) from exc
+    return run_id
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log a flat mapping of params (values stringified; MLflow's 6000-char limit respected)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    c = client()
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics (NaN/None skipped) at ``step``."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step or 0)
+        for k, v in sorted(metrics.items())
+        if v is not None and not (isinstance(v, float) and math.isnan(v))
+    ]
+    c = client()
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def log_artifacts(run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    """Copy files or folders into the run's artifact store."""
+    c = client()
+    for p in paths:
+        if p.is_dir():
+            c.log_artifacts(run_id, str(p), artifact_path=f"{artifact_path}/{p.name}" if artifact_path else p.name)
+        elif p.exists():
+            c.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status=status)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}} -> {"train.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def dvc_out_hash(out_path: str, lock: Path = Path("dvc.lock")) -> str:
+    """The md5 DVC recorded for output ``out_path`` in dvc.lock, or ``unknown``."""
+    import yaml
+
+    if not lock.exists():
+        return "unknown"
+    data = yaml.safe_load(lock.read_text()) or {}
+    for stage in (data.get("stages") or {}).values():
+        for out in stage.get("outs", []) or []:
+            if out.get("path") == out_path:
+                return str(out.get("md5", "unknown"))
+    return "unknown"
+
+
+# --- model registry ---------------------------------------------------------------------------------------------
