@@ -128,11 +128,15 @@ def is_dicom_keyword(keyword: str) -> bool:
     return tag_for_keyword(keyword) is not None
 
 
-def derive_uid(*entropy: str) -> str:
-    """A deterministic ``2.25.<int>`` UID derived (SHA-512) from the given strings; for generated data only."""
-    from pydicom.uid import generate_uid
+def derive_uid(*entropy: object) -> str:
+    """A deterministic UID under pydicom's root (``1.2.826.0.1.3680043.8.498.<int>``) for generated data.
 
-    return str(generate_uid(prefix=None, entropy_srcs=[str(e) for e in entropy]))
+    The same parts always give the same UID (SHA-512 of the parts); used for the synthetic cohort, whose files
+    must be byte-identical for identical params. (``generate_uid(prefix=None)`` would ignore the entropy.)
+    """
+    from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+    return str(generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=["\x1f".join(str(e) for e in entropy)]))
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -172,9 +176,7 @@ def _check_not_truncated(ds: Any) -> None:
     length = getattr(last, "length", None)
     value = getattr(last, "value", None)
     if isinstance(value, bytes) and length not in (None, _UNDEFINED_LENGTH) and len(value) < length:
-        raise DicomError(
-            "truncated", f"element {last.tag} declares {length} bytes but the file holds {len(value)}"
-        )
+        raise DicomError("truncated", f"element {last.tag} declares {length} bytes but the file holds {len(value)}")
 
 
 def _decode(ds: Any) -> np.ndarray:

@@ -11,8 +11,8 @@ slices of ``image_size``^2 pixels, int16 stored values with RescaleSlope 1 / Res
 Anatomy, in HU: air -1000, an elliptical body with a subcutaneous fat layer (~-100) around soft tissue (~20-40),
 two lungs (~-850) with small pulmonary vessels, the heart, a vertebra (cortex ~+800, marrow ~+250) and ribs
 (~+600), with per-patient size, position and noise. A positive study has one nodule, a sphere of radius
-3-12 mm at +40..+80 HU, in a lung (clear unless small enough to pass for a vessel) or in the mediastinal soft
-tissue (subtle: 10-60 HU above its surroundings). The identifying attributes (names, ids, dates, institution)
+6-16 mm at +40..+80 HU, in a lung (clear unless small enough to pass for a vessel) or in the mediastinal soft
+tissue (subtle: 20-45 HU above its surroundings). The identifying attributes (names, ids, dates, institution)
 are realistic-looking fakes so that de-identification has work to do. Same params, same bytes.
 """
 
@@ -30,10 +30,14 @@ import numpy as np
 
 from tasks.config import SynthParams
 
-FAMILY = ("SMITH JOHNSON WILLIAMS BROWN JONES GARCIA MILLER DAVIS RODRIGUEZ MARTINEZ HERNANDEZ LOPEZ WILSON "
-          "ANDERSON THOMAS TAYLOR MOORE JACKSON MARTIN THOMPSON WHITE HARRIS SANCHEZ CLARK LEWIS ROBINSON").split()
-GIVEN = {"F": "MARY PATRICIA JENNIFER LINDA ELIZABETH BARBARA SUSAN JESSICA SARAH KAREN NANCY LISA".split(),
-         "M": "JAMES ROBERT JOHN MICHAEL DAVID WILLIAM RICHARD JOSEPH THOMAS CHARLES DANIEL MATTHEW".split()}
+FAMILY = (
+    "SMITH JOHNSON WILLIAMS BROWN JONES GARCIA MILLER DAVIS RODRIGUEZ MARTINEZ HERNANDEZ LOPEZ WILSON "
+    "ANDERSON THOMAS TAYLOR MOORE JACKSON MARTIN THOMPSON WHITE HARRIS SANCHEZ CLARK LEWIS ROBINSON"
+).split()
+GIVEN = {
+    "F": "MARY PATRICIA JENNIFER LINDA ELIZABETH BARBARA SUSAN JESSICA SARAH KAREN NANCY LISA".split(),
+    "M": "JAMES ROBERT JOHN MICHAEL DAVID WILLIAM RICHARD JOSEPH THOMAS CHARLES DANIEL MATTHEW".split(),
+}
 INSTITUTIONS = ("SAINT EXAMPLE GENERAL HOSPITAL", "NORTHFIELD UNIVERSITY MEDICAL CENTER", "LAKESIDE CLINIC")
 PHYSICIANS = ("HOUSE^GREGORY", "GREY^MEREDITH", "KILDARE^JAMES", "QUINN^MICHAELA", "WELBY^MARCUS")
 MARKER = "synth.json"
@@ -51,14 +55,37 @@ class SynthResult:
     n_positive: int
 
 
-def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: float, edge: float = 1.0):
-    """Soft (anti-aliased) mask of an ellipse, 1 inside, 0 outside; x, y, centre, axes and edge in mm."""
-    r = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
-    return 1.0 / (1.0 + np.exp(-np.clip((1.0 - r) * min(ax, ay) / edge, -30, 30)))
+class _Canvas:
+    """An (S, H, W) HU image painted with soft-edged (anti-aliased) ellipses, each only over its bounding box."""
 
+    def __init__(self, n_slices: int, size: int, spacing: float, fill: float) -> None:
+        self.img = np.full((n_slices, size, size), fill)
+        self.coords = (np.arange(size) - (size - 1) / 2) * spacing  # mm of pixel centres, rows and columns
 
-def _paint(img: np.ndarray, mask: np.ndarray, hu: float) -> None:
-    img += mask * (hu - img)  # in place: img = (1 - mask) * img + mask * hu
+    def ellipse(
+        self, cx: float, cy: float, ax: float | np.ndarray, ay: float | np.ndarray, hu: float, edge: float = 1.0
+    ) -> None:
+        """Blend ``hu`` into the ellipse centred (cx, cy) with semi-axes (ax, ay), all in mm.
+
+        ``ax``/``ay`` may be (S,) arrays: one size per slice, 0 where the shape is absent from that slice.
+        """
+        n = self.img.shape[0]
+        ax, ay = np.broadcast_to(np.asarray(ax, float), (n,)), np.broadcast_to(np.asarray(ay, float), (n,))
+        if not np.any(ax > 0):
+            return
+        lo = np.minimum(ax, ay)[ax > 0].min()
+        grow = 1.0 + 8.0 * edge / lo  # beyond r = grow the mask is below sigmoid(-8)
+        c0, c1 = np.searchsorted(self.coords, [cx - grow * ax.max(), cx + grow * ax.max()])
+        r0, r1 = np.searchsorted(self.coords, [cy - grow * ay.max(), cy + grow * ay.max()])
+        if c0 >= c1 or r0 >= r1:
+            return
+        x, y = self.coords[None, None, c0:c1], self.coords[None, r0:r1, None]
+        present = (ax > 0)[:, None, None]
+        sx, sy = np.where(ax > 0, ax, 1.0)[:, None, None], np.where(ay > 0, ay, 1.0)[:, None, None]
+        r = np.sqrt(((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2)
+        mask = present / (1.0 + np.exp(-np.clip((1.0 - r) * np.minimum(sx, sy) / edge, -30, 30)))
+        window = self.img[:, r0:r1, c0:c1]
+        window += mask * (hu - window)  # in place: (1 - mask) * old + mask * hu
 
 
 def render_study(rng: np.random.Generator, anatomy: dict, size: int, n_slices: int, lesion: dict | None):
@@ -68,47 +95,40 @@ def render_study(rng: np.random.Generator, anatomy: dict, size: int, n_slices: i
         rng: the study's generator (noise, vessel jitter).
         anatomy: the patient's shape parameters (mm, HU) from :func:`_sample_anatomy`.
         size: pixels per side.
-        n_slices: slices in the study; slice k is at z = (k - (n - 1) / 2) * thickness mm.
+        n_slices: slices in the study; slice k is at z = (k - (n - 1) / 2) * thickness mm from the table position.
         lesion: None, or a nodule ``{"x", "y", "z", "r", "hu"}`` in mm / HU.
 
     Returns:
         (stored int16 (S, H, W) with HU = stored - 1024, z positions (S,) in mm, pixel spacing mm, thickness mm)
     """
     a = anatomy
-    ps = a["fov"] / size
-    thick = a["thickness"]
-    coords = (np.arange(size) - (size - 1) / 2) * ps
+    ps, thick = a["fov"] / size, a["thickness"]
     z = (np.arange(n_slices) - (n_slices - 1) / 2) * thick
-    x, y = coords[None, None, :], coords[None, :, None]
-    zz = z[:, None, None]
-    taper = 1.0 - 0.25 * (zz / 120.0) ** 2  # lungs narrow away from the middle slice
-    cx, cy, bx, by = a["cx"], a["cy"], a["bx"], a["by"]
+    taper = 1.0 - 0.25 * (z / 120.0) ** 2  # lungs narrow away from the middle slice
+    cx, cy, bx, by, fat = a["cx"], a["cy"], a["bx"], a["by"], a["fat"]
 
-    img = np.full((n_slices, size, size), -1000.0)
-    _paint(img, _ellipse(x, y, cx, cy, bx, by), a["fat_hu"])
-    _paint(img, _ellipse(x, y, cx, cy, bx - a["fat"], by - a["fat"]), a["soft_hu"])
+    c = _Canvas(n_slices, size, ps, -1000.0)
+    c.ellipse(cx, cy, bx, by, a["fat_hu"])
+    c.ellipse(cx, cy, bx - fat, by - fat, a["soft_hu"])
     for k in range(a["n_ribs"]):  # along the inside of the chest wall, lateral arcs on both sides
         t = np.pi * (-0.35 + 0.7 * k / (a["n_ribs"] - 1))
         for side in (-1, 1):
-            rx, ry = cx + side * (bx - a["fat"] - 7) * np.cos(t), cy + (by - a["fat"] - 7) * np.sin(t)
-            _paint(img, _ellipse(x, y, rx, ry, 5.0, 5.0), 600.0)
-    lx, ly = a["lung_x"] * taper, a["lung_y"] * taper
+            c.ellipse(cx + side * (bx - fat - 7) * np.cos(t), cy + (by - fat - 7) * np.sin(t), 5.0, 5.0, 600.0)
     for side in (-1, 1):
-        _paint(img, _ellipse(x, y, cx + side * a["lung_off"], cy - 0.05 * by, lx, ly), a["lung_hu"])
-    _paint(img, _ellipse(x, y, cx + 0.12 * bx, cy - 0.12 * by, a["heart"], 0.85 * a["heart"]), a["heart_hu"])
-    for vx, vy, vr in a["vessels"]:  # pulmonary vessels: bright dots in the lungs, in every patient
+        c.ellipse(cx + side * a["lung_off"], cy - 0.05 * by, a["lung_x"] * taper, a["lung_y"] * taper, a["lung_hu"])
+    c.ellipse(cx + 0.12 * bx, cy - 0.12 * by, a["heart"], 0.85 * a["heart"], a["heart_hu"])
+    for vx, vy, vr in a["vessels"]:  # pulmonary vessels: small bright dots in the lungs of every patient
         jx, jy = rng.normal(0.0, 1.0, 2)
-        _paint(img, _ellipse(x, y, vx + jx, vy + jy, vr, vr, 0.5), 35.0)
-    sx, sy = cx, cy + 0.68 * by
-    _paint(img, _ellipse(x, y, sx, sy, a["vert"], 0.9 * a["vert"]), 800.0)
-    _paint(img, _ellipse(x, y, sx, sy, a["vert"] - 3, 0.9 * a["vert"] - 3), 250.0)
-    _paint(img, _ellipse(x, y, sx, sy + a["vert"] + 9, 5.0, 10.0), 700.0)
-    if lesion is not None:
-        r_slice = np.sqrt(np.clip(lesion["r"] ** 2 - (zz - lesion["z"]) ** 2, 0.0, None))
-        inside = r_slice > 0.3
-        mask = _ellipse(x, y, lesion["x"], lesion["y"], np.maximum(r_slice, 0.3), np.maximum(r_slice, 0.3), 0.7)
-        _paint(img, mask * inside, lesion["hu"])
-    img += rng.normal(0.0, a["noise"], img.shape)
+        c.ellipse(vx + jx, vy + jy, vr, vr, 35.0, edge=0.5)
+    sx, sy, vert = cx, cy + 0.68 * by, a["vert"]
+    c.ellipse(sx, sy, vert, 0.9 * vert, 800.0)  # vertebral body: cortex ...
+    c.ellipse(sx, sy, vert - 3, 0.9 * vert - 3, 250.0)  # ... and marrow
+    c.ellipse(sx, sy + vert + 9, 5.0, 10.0, 700.0)  # spinous process
+    if lesion is not None:  # a sphere: its cross-section on each slice
+        r_slice = np.sqrt(np.clip(lesion["r"] ** 2 - (z - lesion["z"]) ** 2, 0.0, None))
+        r_slice[r_slice < 0.3] = 0.0
+        c.ellipse(lesion["x"], lesion["y"], r_slice, r_slice, lesion["hu"], edge=0.7)
+    img = c.img + rng.normal(0.0, a["noise"], c.img.shape)
     stored = np.clip(np.rint(img), -1024, 3071).astype(np.int16) + np.int16(1024)
     return stored, z + a["table_z"], ps, thick
 
@@ -122,33 +142,57 @@ def _sample_anatomy(rng: np.random.Generator) -> dict:
     cx, cy = rng.normal(0, 8), rng.normal(5, 8)
     vessels = []
     for side in (-1, 1):
-        for _ in range(rng.integers(4, 9)):
+        for _ in range(rng.integers(2, 6)):
             t, rr = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0.05, 0.7))
-            vessels.append((cx + side * lung_off + rr * lung_x * np.cos(t), cy - 0.05 * by + rr * lung_y * np.sin(t),
-                            rng.uniform(1.2, 3.0)))
+            vessels.append(
+                (
+                    cx + side * lung_off + rr * lung_x * np.cos(t),
+                    cy - 0.05 * by + rr * lung_y * np.sin(t),
+                    rng.uniform(0.8, 1.8),
+                )
+            )
     return {
-        "fov": rng.uniform(360, 420), "thickness": float(rng.choice([2.5, 3.0, 5.0])), "table_z": rng.uniform(-180, -120),
-        "cx": cx, "cy": cy, "bx": bx, "by": by, "fat": fat, "lung_x": lung_x, "lung_y": lung_y,
-        "lung_off": lung_off, "heart": rng.uniform(0.2, 0.26) * bx, "vert": rng.uniform(14, 19),
-        "n_ribs": int(rng.integers(3, 6)), "vessels": vessels, "fat_hu": rng.normal(-100, 10),
-        "soft_hu": rng.uniform(20, 40), "lung_hu": rng.normal(-850, 25), "heart_hu": rng.uniform(30, 45),
+        "fov": rng.uniform(360, 420),
+        "thickness": float(rng.choice([2.5, 3.0, 5.0])),
+        "table_z": rng.uniform(-180, -120),
+        "cx": cx,
+        "cy": cy,
+        "bx": bx,
+        "by": by,
+        "fat": fat,
+        "lung_x": lung_x,
+        "lung_y": lung_y,
+        "lung_off": lung_off,
+        "heart": rng.uniform(0.2, 0.26) * bx,
+        "vert": rng.uniform(14, 19),
+        "n_ribs": int(rng.integers(3, 6)),
+        "vessels": vessels,
+        "fat_hu": rng.normal(-100, 10),
+        "soft_hu": rng.uniform(20, 40),
+        "lung_hu": rng.normal(-850, 25),
+        "heart_hu": rng.uniform(30, 45),
         "noise": rng.uniform(10, 22),
     }
 
 
 def _sample_lesion(rng: np.random.Generator, a: dict, n_slices: int) -> dict:
-    """A nodule inside a lung (70 %) or the mediastinum (30 %); position relative to the study's centre (mm)."""
-    r = rng.uniform(3.0, 12.0)
+    """A nodule in the lateral part of a lung (80 %) or in the heart/mediastinum (20 %, subtle); mm and HU.
+
+    Lung nodules are +40..+80 HU against ~-850; mediastinal ones 20..45 HU above the heart's value.
+    """
+    r = rng.uniform(6.0, 16.0)
     z = rng.uniform(-0.4, 0.4) * (n_slices - 1) * a["thickness"]
-    t, rr = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0.0, 0.6))
-    if rng.uniform() < 0.7:
-        side = rng.choice([-1, 1])
-        x = a["cx"] + side * a["lung_off"] + rr * a["lung_x"] * np.cos(t)
+    t, rr = rng.uniform(-0.5 * np.pi, 0.5 * np.pi), np.sqrt(rng.uniform(0.0, 0.6))
+    if rng.uniform() < 0.8:
+        side = rng.choice([-1, 1])  # cos(t) >= 0: away from the midline, where the heart overlaps the lung
+        x = a["cx"] + side * (a["lung_off"] + rr * a["lung_x"] * np.cos(t))
         y = a["cy"] - 0.05 * a["by"] + rr * a["lung_y"] * np.sin(t)
+        hu = rng.uniform(40, 80)
     else:
-        x, y = a["cx"] + 0.12 * a["bx"] + 0.6 * rr * a["heart"] * np.cos(t), a["cy"] - 0.12 * a["by"]
-        y += 0.5 * rr * a["heart"] * np.sin(t)
-    return {"x": x, "y": y, "z": z, "r": r, "hu": rng.uniform(40, 80)}
+        x = a["cx"] + 0.12 * a["bx"] + 0.6 * rr * a["heart"] * np.cos(2 * t)
+        y = a["cy"] - 0.12 * a["by"] + 0.5 * rr * a["heart"] * np.sin(2 * t)
+        hu = a["heart_hu"] + rng.uniform(20, 45)
+    return {"x": x, "y": y, "z": z, "r": r, "hu": hu}
 
 
 def _person(rng: np.random.Generator, index: int, seed: int) -> dict:
@@ -184,13 +228,17 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
     dicom_dir = output / "dicom"
     if dicom_dir.exists():
         if not (output / MARKER).exists():
-            raise FileExistsError(f"{dicom_dir} exists and was not made by tasks.synth ({MARKER} missing); "
-                                  "remove it or choose another --output")
+            raise FileExistsError(
+                f"{dicom_dir} exists and was not made by tasks.synth ({MARKER} missing); "
+                "remove it or choose another --output"
+            )
         shutil.rmtree(dicom_dir)
     dicom_dir.mkdir(parents=True)
 
-    n_studies_of = [int(np.random.default_rng([params.seed, 0, i]).integers(1, params.max_studies_per_patient + 1))
-                    for i in range(params.n_patients)]
+    n_studies_of = [
+        int(np.random.default_rng([params.seed, 0, i]).integers(1, params.max_studies_per_patient + 1))
+        for i in range(params.n_patients)
+    ]
     n_studies = sum(n_studies_of)
     labels = np.zeros(n_studies, dtype=int)
     labels[: round(params.positive_fraction * n_studies)] = 1
@@ -209,20 +257,31 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
                 study_rng, anatomy, params.image_size, params.slices_per_study, lesion if labels[s] else None
             )
             accession = f"A{params.seed % 100:02d}{i + 1:05d}{j + 1:02d}"
+            study_time = f"{int(study_rng.integers(7, 19)):02d}{int(study_rng.integers(0, 60)):02d}00"
             key = ("medpipe-synth", params.seed, i, j)
             study_uid, series_uid = derive_uid(*key, "study"), derive_uid(*key, "series")
             origin = -(params.image_size - 1) / 2 * ps
             for k in range(params.slices_per_study):
                 header = CtSliceHeader(
-                    **person, accession_number=accession, study_date=date.strftime("%Y%m%d"),
-                    study_time=f"{int(study_rng.integers(7, 19)):02d}{int(study_rng.integers(0, 60)):02d}00",
-                    study_id=str(j + 1), study_description="CT CHEST WITHOUT CONTRAST",
-                    study_uid=study_uid, series_uid=series_uid, sop_uid=derive_uid(*key, "sop", k),
-                    frame_of_reference_uid=derive_uid(*key, "for"), series_number=1, instance_number=k + 1,
-                    pixel_spacing=(ps, ps), slice_thickness=thick, image_position=(origin, origin, float(zs[k])),
+                    **person,
+                    accession_number=accession,
+                    study_date=date.strftime("%Y%m%d"),
+                    study_time=study_time,
+                    study_id=str(j + 1),
+                    study_description="CT CHEST WITHOUT CONTRAST",
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    sop_uid=derive_uid(*key, "sop", k),
+                    frame_of_reference_uid=derive_uid(*key, "for"),
+                    series_number=1,
+                    instance_number=k + 1,
+                    pixel_spacing=(ps, ps),
+                    slice_thickness=thick,
+                    image_position=(origin, origin, float(zs[k])),
                 )
-                write_ct_slice(dicom_dir / f"case{i + 1:04d}" / f"study{j + 1}" / f"slice{k + 1:03d}.dcm",
-                               stored[k], header)
+                write_ct_slice(
+                    dicom_dir / f"case{i + 1:04d}" / f"study{j + 1}" / f"slice{k + 1:03d}.dcm", stored[k], header
+                )
                 n_files += 1
             rows.append((accession, int(labels[s])))
             date += dt.timedelta(days=int(rng.integers(90, 720)))
@@ -234,8 +293,14 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
         writer.writerow(["AccessionNumber", "label"])
         writer.writerows(rows)
     result = SynthResult(dicom_dir, labels_csv, params.n_patients, n_studies, n_files, int(labels.sum()))
-    summary = {"generator": "tasks.synth", "params": params.model_dump(mode="json"), "patients": result.n_patients,
-               "studies": n_studies, "files": n_files, "positive_studies": result.n_positive}
+    summary = {
+        "generator": "tasks.synth",
+        "params": params.model_dump(mode="json"),
+        "patients": result.n_patients,
+        "studies": n_studies,
+        "files": n_files,
+        "positive_studies": result.n_positive,
+    }
     (output / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
     return result
 
@@ -250,8 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
     res = run(params.synth, args.output)
-    print(f"synth: {res.n_patients} patients, {res.n_studies} studies ({res.n_positive} positive), "
-          f"{res.n_files} files -> {res.dicom_dir}, labels -> {res.labels_csv}")
+    print(
+        f"synth: {res.n_patients} patients, {res.n_studies} studies ({res.n_positive} positive), "
+        f"{res.n_files} files -> {res.dicom_dir}, labels -> {res.labels_csv}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+# medpipe: the two commands.
+#   make run   install into .venv (first time), then run the whole pipeline on the built-in synthetic cohort
+#   make test  install into .venv (first time), then run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# the stages in dvc.yaml call `python -m tasks.<stage>`: make that the venv's python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install run test test-fast lint ui prefect-ui
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m flows.pipeline
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check tasks flows tests benchmarks
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --port 5000
+
+prefect-ui: install
+	$(VENV)/bin/prefect server start

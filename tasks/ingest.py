@@ -1,0 +1,397 @@
+"""Stage 1: a folder of DICOM files (any names, any nesting) to de-identified arrays, a manifest and a split.
+
+``python -m tasks.ingest --params params.yaml --output data/ingested [--input DIR] [--labels CSV]``
+
+Every file under the input folder is read (both cores, :mod:`tasks.dicom`), pseudonymised (:mod:`tasks.deid`),
+grouped by series and stacked along the slice normal, labelled from the label CSV and split by patient
+(:mod:`tasks.split`). A file that cannot be used is quarantined with a reason; it never stops the stage. Writes::
+
+    <output>/arrays/<image_id>.npy   float32, (H, W) for a one-slice series, (D, H, W) otherwise; HU for CT
+    <output>/manifest.csv            one row per image, columns MANIFEST_COLUMNS (pseudonymous ids only)
+    <output>/quarantine.csv          path (relative to the input folder), reason, detail
+    <output>/summary.json            counts (found = used + quarantined), per split and label, secret source
+
+Nothing of the PS3.15 basic profile's identifying attributes reaches these files: ids are HMAC pseudonyms,
+the series UID is remapped, the study date is shifted per patient (or left empty), nothing else is copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import IngestParams, Params
+from tasks.deid import Pseudonymizer
+from tasks.dicom import DicomError, DicomImage  # light: tasks.dicom imports pydicom only when reading/writing
+
+MANIFEST_COLUMNS = (
+    "image_id", "patient_id", "study_id", "series_uid", "study_date", "label", "split", "path", "sha256",
+    "shape", "spacing", "modality", "unit", "n_instances",
+)  # fmt: skip
+QUARANTINE_COLUMNS = ("path", "reason", "detail")
+# Reasons decided here, beyond a single file's tasks.dicom.REASONS:
+INGEST_REASONS = (
+    "duplicate_instance",  # a second file with a SOPInstanceUID already seen
+    "inconsistent_series",  # a series whose slices cannot be stacked (tasks.series.stack_series says why)
+    "no_label",  # a label CSV is given but has no row for the study's label-key value
+)
+
+
+@dataclass
+class Instance:
+    """One readable file after de-identification (the raw label-key value stays in memory only)."""
+
+    rel: str
+    image: DicomImage  # its ``ids`` are never written
+    patient_id: str
+    study_id: str
+    series_uid: str
+    study_date: str
+
+
+@dataclass
+class ImageRecord:
+    """One output image (a series): pixels plus its manifest fields."""
+
+    image_id: str
+    patient_id: str
+    study_id: str
+    series_uid: str
+    study_date: str
+    pixels: np.ndarray
+    spacing: list[float] | None
+    modality: str
+    unit: str
+    files: list[str]
+    label_value: str | None = field(repr=False)
+    label: int | None = None
+    split: str = ""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Where ingest wrote its outputs, and its summary (the content of summary.json)."""
+
+    output: Path
+    manifest: Path
+    quarantine: Path
+    summary: dict[str, Any]
+
+
+def _read_one(path: Path, label_key: str | None) -> DicomImage | DicomError:
+    """Worker: a DicomImage or the DicomError explaining why not (returned, so that pool.map keeps going)."""
+    from tasks.dicom import read_dicom
+
+    try:
+        return read_dicom(path, label_key)
+    except DicomError as exc:
+        return exc
+    except Exception as exc:  # a bug or an unforeseen file: quarantine it, never crash the stage
+        return DicomError("unreadable", f"unexpected {type(exc).__name__}: {exc}"[:300])
+
+
+def read_all(
+    files: list[Path], label_key: str | None, workers: int, progress: bool = True
+) -> list[DicomImage | DicomError]:
+    """Read ``files`` with ``workers`` processes; results (DicomImage | DicomError) in the order of ``files``."""
+    from tqdm import tqdm
+
+    read = partial(_read_one, label_key=label_key)
+    bar = partial(tqdm, total=len(files), desc="ingest: read", unit="file", disable=not progress)
+    if workers <= 1 or len(files) < 2 * workers:
+        return list(bar(map(read, files)))
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(bar(pool.map(read, files, chunksize=max(1, min(32, len(files) // (8 * workers))))))
+
+
+def collect_dicom(
+    input_dir: Path, params: IngestParams, pseudo: Pseudonymizer, progress: bool = True
+) -> tuple[int, list[ImageRecord], list[tuple[str, str, str]], list[str]]:
+    """Read, de-identify and stack every file under ``input_dir``.
+
+    Returns:
+        (files found, images, quarantine rows (relative path, reason, detail), warnings)
+    """
+    from tasks.series import stack_series
+
+    files = sorted(p for p in input_dir.rglob("*") if p.is_file())
+    results = read_all(files, params.label_key, params.workers, progress)
+    quarantine: list[tuple[str, str, str]] = []
+    series: dict[str, list[Instance]] = defaultdict(list)
+    seen_sop: dict[str, str] = {}
+    for path, res in zip(files, results, strict=True):
+        rel = path.relative_to(input_dir).as_posix()
+        if isinstance(res, DicomError):
+            quarantine.append((rel, res.reason, res.detail))
+            continue
+        ids = res.ids
+        if ids.sop_uid and ids.sop_uid in seen_sop:
+            quarantine.append((rel, "duplicate_instance", f"same SOPInstanceUID as {seen_sop[ids.sop_uid]}"))
+            continue
+        seen_sop[ids.sop_uid] = rel
+        inst = Instance(
+            rel=rel,
+            image=res,
+            patient_id=pseudo.patient_id(ids.patient_id),
+            study_id=pseudo.study_id(ids.study_uid),
+            series_uid=pseudo.uid(ids.series_uid or ids.sop_uid or rel),  # no series UID: an image of its own
+            study_date=pseudo.shift_date(ids.study_date, ids.patient_id),
+        )
+        series[inst.series_uid].append(inst)
+
+    images, warnings = [], []
+    for uid, members in sorted(series.items()):
+        image_id = "I" + pseudo.pseudonym("image", uid)
+        try:
+            pixels, spacing, warning = stack_series([m.image for m in members])
+        except ValueError as exc:
+            quarantine += [(m.rel, "inconsistent_series", f"series {image_id}: {exc}") for m in members]
+            continue
+        if warning:
+            warnings.append(f"{image_id}: {warning}")
+        first = members[0]
+        images.append(ImageRecord(
+            image_id=image_id, patient_id=first.patient_id, study_id=first.study_id, series_uid=uid,
+            study_date=first.study_date, pixels=pixels, spacing=spacing, modality=first.image.modality,
+            unit=first.image.unit, files=[m.rel for m in members], label_value=first.image.ids.label_value,
+        ))  # fmt: skip
+    return len(files), images, quarantine, warnings
+
+
+def read_labels(path: Path, key: str, column: str, n_classes: int) -> dict[str, int]:
+    """The label table: label-key value -> class index.
+
+    Raises:
+        ValueError: naming the file (and line) for a missing column, a bad or out-of-range label, or a key given
+            two different labels.
+    """
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {key, column} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
+        table: dict[str, int] = {}
+        for line, row in enumerate(reader, start=2):
+            k, raw = (row[key] or "").strip(), (row[column] or "").strip()
+            try:
+                label = int(raw)
+            except ValueError:
+                raise ValueError(f"{path}:{line}: {column}={raw!r} is not an integer class index") from None
+            if not k or not 0 <= label < n_classes:
+                raise ValueError(f"{path}:{line}: need a {key} and {column} in [0, {n_classes - 1}], got {raw!r}")
+            if table.setdefault(k, label) != label:
+                raise ValueError(f"{path}:{line}: {key} given two different labels")
+    return table
+
+
+def _prepare_output(output: Path) -> None:
+    if output.exists() and any(output.iterdir()) and not (output / "summary.json").exists():
+        raise FileExistsError(f"{output} is not empty and holds no summary.json: not an ingest output; refusing")
+    if (output / "arrays").exists():
+        import shutil
+
+        shutil.rmtree(output / "arrays")
+    (output / "arrays").mkdir(parents=True)
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def run(
+    params: Params,
+    output: Path,
+    input_dir: Path | None = None,
+    labels_csv: Path | None = None,
+    progress: bool = True,
+) -> IngestResult:
+    """Ingest a DICOM folder into ``output``.
+
+    Args:
+        params: all params; reads ``base`` (seed, class names) and ``ingest``.
+        output: the stage's output folder (created; a previous ingest output there is replaced).
+        input_dir: DICOM folder; default ``params.ingest.dicom_dir``.
+        labels_csv: label table; default ``params.ingest.labels_csv`` (None there: no labels).
+        progress: show tqdm progress bars.
+
+    Returns:
+        The output paths and the summary written to summary.json.
+
+    Raises:
+        ValueError: a bad label table, or too few patients to split.
+        FileNotFoundError: the input folder or label table does not exist.
+    """
+    t0 = time.perf_counter()
+    ip = params.ingest
+    output = Path(output)
+    pseudo = Pseudonymizer.from_params(ip.deid)
+    if labels_csv is None and ip.labels_csv is not None:
+        labels_csv = Path(ip.labels_csv)
+    table: dict[str, int] | None = None
+    if labels_csv is not None:  # read first: a bad table fails before any DICOM is decoded
+        if not Path(labels_csv).is_file():
+            raise FileNotFoundError(f"{labels_csv}: label table not found (ingest.labels_csv or --labels)")
+        table = read_labels(Path(labels_csv), ip.label_key, ip.label_column, len(params.base.class_names))
+
+    if ip.source == "dicom":
+        from tasks.dicom import is_dicom_keyword
+
+        input_dir = Path(input_dir or ip.dicom_dir)
+        if not input_dir.is_dir():
+            raise FileNotFoundError(f"{input_dir}: input folder not found (ingest.dicom_dir or --input)")
+        if not is_dicom_keyword(ip.label_key):
+            raise ValueError(f"ingest.label_key: {ip.label_key!r} is not a DICOM keyword")
+        n_found, images, quarantine, warnings = collect_dicom(input_dir, ip, pseudo, progress)
+    else:  # source "medmnist": a collect_medmnist() returning the same four values plugs in here
+        raise NotImplementedError(f"ingest.source={ip.source!r} is not implemented yet; use source: dicom")
+
+    unmatched = 0
+    if table is not None:
+        kept = []
+        for im in images:
+            if im.label_value in table:
+                im.label = table[im.label_value]
+                kept.append(im)
+            else:
+                detail = f"image {im.image_id}: no row for its {ip.label_key} in the label table"
+                quarantine += [(rel, "no_label", detail) for rel in im.files]
+        unmatched = len(set(table) - {im.label_value for im in kept})
+        images = kept
+
+    from tasks.split import check_patient_disjoint, split_by_patient
+
+    if images and not all(im.split for im in images):  # a source with official splits has set them already
+        labels = None if any(im.label is None for im in images) else [im.label for im in images]
+        splits = split_by_patient(
+            [im.patient_id for im in images], labels, ip.val_fraction, ip.test_fraction, params.base.seed
+        )
+        for im, split in zip(images, splits, strict=True):
+            im.split = str(split)
+    check_patient_disjoint([im.patient_id for im in images], [im.split for im in images])
+
+    _prepare_output(output)
+    rows = []
+    for im in sorted(images, key=lambda r: (r.patient_id, r.study_date, r.image_id)):
+        rel = f"arrays/{im.image_id}.npy"
+        pixels = np.ascontiguousarray(im.pixels, dtype=np.float32)
+        np.save(output / rel, pixels)
+        rows.append((
+            im.image_id, im.patient_id, im.study_id, im.series_uid, im.study_date,
+            "" if im.label is None else im.label, im.split, rel, hashlib.sha256(pixels.tobytes()).hexdigest(),
+            json.dumps(list(pixels.shape)), json.dumps(im.spacing and [round(s, 6) for s in im.spacing]),
+            im.modality, im.unit, len(im.files),
+        ))  # fmt: skip
+    _write_csv(output / "manifest.csv", MANIFEST_COLUMNS, rows)
+    quarantine.sort()
+    _write_csv(output / "quarantine.csv", QUARANTINE_COLUMNS, quarantine)
+
+    summary = summarise(n_found, images, quarantine, pseudo, warnings)
+    summary.update(
+        source=ip.source,
+        input=str(input_dir),
+        labels_csv=labels_csv and str(labels_csv),
+        labels_unmatched=unmatched,
+        wall_s=round(time.perf_counter() - t0, 3),
+    )
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return IngestResult(output, output / "manifest.csv", output / "quarantine.csv", summary)
+
+
+def summarise(
+    n_found: int, images: list[ImageRecord], quarantine: list[tuple[str, str, str]], pseudo: Pseudonymizer,
+    warnings: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """The counts of summary.json; raises RuntimeError if used + quarantined != files found."""
+    used = sum(len(im.files) for im in images)
+    if used + len(quarantine) != n_found:
+        raise RuntimeError(f"ingest bookkeeping: {used} used + {len(quarantine)} quarantined != {n_found} found")
+
+    def label_counts(group: list[ImageRecord]) -> dict[str, int]:
+        return dict(sorted(Counter("none" if im.label is None else str(im.label) for im in group).items()))
+
+    splits = {}
+    for name in ("train", "val", "test"):
+        members = [im for im in images if im.split == name]
+        splits[name] = {
+            "images": len(members),
+            "patients": len({im.patient_id for im in members}),
+            "labels": label_counts(members),
+        }
+    return {
+        "files_found": n_found,
+        "used": used,
+        "quarantined": len(quarantine),
+        "quarantined_by_reason": dict(sorted(Counter(r for _, r, _ in quarantine).items())),
+        "series_built": len(images),
+        "patients": len({im.patient_id for im in images}),
+        "studies": len({im.study_id for im in images}),
+        "labels": label_counts(images),
+        "splits": splits,
+        "secret": pseudo.secret_source,
+        "dates": f"shifted back 1..{pseudo.max_date_shift_days} days per patient" if pseudo.shift_dates else "removed",
+        "warnings": warnings,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short human table of a summary.json mapping."""
+    lines = [
+        f"files found {summary['files_found']}: used {summary['used']}, quarantined {summary['quarantined']}"
+        + (f" {summary['quarantined_by_reason']}" if summary["quarantined"] else ""),
+        f"images {summary['series_built']} from {summary['patients']} patients, {summary['studies']} studies; "
+        f"labels {summary['labels']}",
+        f"{'split':<6}{'images':>8}{'patients':>10}  labels",
+    ]
+    for name, s in summary["splits"].items():
+        lines.append(f"{name:<6}{s['images']:>8}{s['patients']:>10}  {s['labels']}")
+    lines.append(f"secret: {summary['secret']}; {len(summary['warnings'])} warning(s); {summary['wall_s']} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: parse arguments, load params, call :func:`run`, print the summary."""
+    import sys
+
+    from tasks.config import DEFAULT_PARAMS, load_params_or_exit
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    parser.add_argument("--output", type=Path, required=True, help="output folder, e.g. data/ingested")
+    parser.add_argument("--input", type=Path, default=None, help="DICOM folder (default: ingest.dicom_dir)")
+    parser.add_argument("--labels", type=Path, default=None, help="label CSV (default: ingest.labels_csv)")
+    args = parser.parse_args(argv)
+    params = load_params_or_exit(args.params)
+    try:
+        result = run(params, args.output, args.input, args.labels)
+    except (ValueError, OSError, NotImplementedError) as exc:  # bad inputs: say which, without a traceback
+        print(f"ingest: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if result.summary["secret"] == "development-default":
+        print(
+            f"WARNING: {params.ingest.deid.secret_env} is not set: pseudonyms use the development default "
+            "secret (fine for synthetic data, not for real patients)",
+            file=sys.stderr,
+        )
+    print(format_summary(result.summary))
+    if result.summary["series_built"] == 0:
+        print(f"ingest: no usable image; see {result.quarantine}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

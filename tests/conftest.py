@@ -1,0 +1,65 @@
+"""Shared fixtures: the real params.yaml shrunk with overrides, and a tiny synthetic DICOM cohort.
+
+The cohort and its ingest output are generated once per session (seconds); tests that modify files copy
+them into their own ``tmp_path`` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.config import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The real params.yaml with a cohort small enough for unit tests (12 patients, 64 px, one process).
+TINY_OVERRIDES: dict[str, Any] = {
+    "synth.n_patients": 12,
+    "synth.image_size": 64,
+    "synth.slices_per_study": 1,
+    "ingest.workers": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def make_params() -> Callable[..., Params]:
+    """A factory: ``make_params({"train.epochs": 1})`` is the real params.yaml + TINY_OVERRIDES + yours."""
+
+    def _make(overrides: dict[str, Any] | None = None) -> Params:
+        return load_params(REPO / "params.yaml", {**TINY_OVERRIDES, **(overrides or {})})
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def params(make_params: Callable[..., Params]) -> Params:
+    """The real params.yaml shrunk by TINY_OVERRIDES."""
+    return make_params()
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(params: Params, tmp_path_factory: pytest.TempPathFactory):
+    """A synthetic cohort from ``params.synth``: a ``tasks.synth.SynthResult`` (dicom_dir, labels_csv, counts).
+
+    Session-scoped and shared: do not modify its files (copy ``dicom_dir`` to your tmp_path first).
+    """
+    from tasks.synth import run
+
+    return run(params.synth, tmp_path_factory.mktemp("cohort"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def ingested_cohort(params: Params, tiny_cohort, tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_cohort`` through the ingest stage: a ``tasks.ingest.IngestResult`` (output, manifest, summary).
+
+    Uses whatever MEDPIPE_DEID_SECRET the test process has (usually none: the development default).
+    Session-scoped and shared: do not modify its files.
+    """
+    from tasks.ingest import run
+
+    out = tmp_path_factory.mktemp("ingested")
+    return run(params, out, tiny_cohort.dicom_dir, tiny_cohort.labels_csv, progress=False)
