@@ -6,6 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # the stages in dvc.yaml call `python -m tasks.<stage>`: make that the venv's python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# offline machines: no telemetry attempts from Prefect, DVC or MLflow
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export DVC_NO_ANALYTICS ?= 1
 
 .PHONY: install run test test-fast lint ui prefect-ui
 

@@ -113,7 +113,7 @@ def pipeline(
         force: rerun every stage even if DVC says nothing changed.
 
     Returns:
-        ``{"stages": [...], "metrics": {...}, "registry": {...}}``.
+        ``{"stages": [...], "message": str, "metrics": {...}, "registry": {...}}``.
     """
     root = Path(repo).resolve()
     overrides = {
@@ -130,13 +130,13 @@ def pipeline(
     if overrides:
         apply_overrides(root, overrides)
     if not force and not changed_stages(root):
-        print("Pipeline is up to date: DVC reports no changed stage, so no stage was executed.")
-        return {"stages": [], "metrics": _read_json(root / "reports/evaluate/metrics.json"),
-                "registry": _read_json(root / "models/registry.json")}
-    stages = [STAGE_TASKS[s](root, force) for s in STAGES]
-    ran = [s["stage"] for s in stages if s["ran"]]
-    print(f"stages executed: {', '.join(ran) or 'none'}")
-    return {"stages": stages, "metrics": _read_json(root / "reports/evaluate/metrics.json"),
+        message = "Pipeline is up to date: DVC reports no changed stage, so no stage was executed."
+        stages: list[dict[str, Any]] = []
+    else:
+        stages = [STAGE_TASKS[s](root, force) for s in STAGES]
+        message = f"stages executed: {', '.join(s['stage'] for s in stages if s['ran']) or 'none'}"
+    print(message)
+    return {"stages": stages, "message": message, "metrics": _read_json(root / "reports/evaluate/metrics.json"),
             "registry": _read_json(root / "models/registry.json")}
 
 
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\nTest metrics:")
         for k in ("accuracy", "precision", "recall", "f1", "auc"):
             if f"test_{k}" in m:
-                print(f"  {k:<10} {m[f'test_{k}']:.4f}  95% CI [{m[f'test_{k}_ci_low']:.4f}, {m[f'test_{k}_ci_high']:.4f}]")
+                lo, hi = m[f"test_{k}_ci_low"], m[f"test_{k}_ci_high"]
+                print(f"  {k:<10} {m[f'test_{k}']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
     if reg:
         print(f"\nRegistered model: models:/{reg.get('model_name')}/{reg.get('version')} (alias @{reg.get('alias')})")
 

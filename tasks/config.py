@@ -111,6 +111,9 @@ class ExportParams(_Strict):
     license: str = "Apache-2.0"
     description: str = "Binary classifier trained by medpipe"
     parity_tolerance: float = Field(1e-4, gt=0)
+    parity_images: int = Field(64, ge=0)
+    deployment_target: Literal["iOS16", "iOS17", "iOS18"] = "iOS16"
+    onnx_opset: int = Field(17, ge=13, le=20)
 
 
 class PromoteParams(_Strict):

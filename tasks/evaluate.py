@@ -66,12 +66,17 @@ def curves(y: np.ndarray, proba: np.ndarray, positive_class: int) -> tuple[list[
         return [], []
     fpr, tpr, thr = roc_curve(yb, proba[:, positive_class])
     prec, rec, _ = precision_recall_curve(yb, proba[:, positive_class])
-    roc = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))} for a, b, c in zip(fpr, tpr, thr)]
-    pr = [{"recall": float(a), "precision": float(b)} for a, b in zip(rec, prec)]
+    roc = [
+        {"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))}
+        for a, b, c in zip(fpr, tpr, thr, strict=True)
+    ]
+    pr = [{"recall": float(a), "precision": float(b)} for a, b in zip(rec, prec, strict=True)]
     return roc, pr
 
 
-def plot_all(output: Path, roc: list[dict], pr: list[dict], cm: np.ndarray, class_names: list[str], m: dict) -> list[Path]:
+def plot_all(
+    output: Path, roc: list[dict], pr: list[dict], cm: np.ndarray, class_names: list[str], m: dict
+) -> list[Path]:
     """ROC, PR and confusion-matrix PNGs; returns their paths."""
     import matplotlib
 
@@ -124,7 +129,8 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Evalua
     ev, pos = params.evaluate, params.base.positive_class
     proba = predict_proba(model, spec, x, svm_feature_size=params.train.svm.feature_size)
     point = classification_metrics(y, proba, pos, ev.threshold)
-    cis = bootstrap_ci(y, proba, [r["patient_id"] for r in ids], pos, ev.threshold, ev.bootstrap, ev.ci, params.base.seed)
+    groups = [r["patient_id"] for r in ids]
+    cis = bootstrap_ci(y, proba, groups, pos, ev.threshold, ev.bootstrap, ev.ci, params.base.seed)
     pred = predict_labels(proba, pos, ev.threshold)
     cm = confusion_matrix(y, pred, labels=list(range(spec.num_classes)))
     val = json.loads((model_dir / "val_metrics.json").read_text())
@@ -150,7 +156,7 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Evalua
     with (output / "predictions.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["image_id", "patient_id", "actual", "predicted", *[f"p_{n}" for n in names]])
-        for r, t, p, pr_row in zip(ids, y, pred, proba):
+        for r, t, p, pr_row in zip(ids, y, pred, proba, strict=False):
             w.writerow([r["image_id"], r["patient_id"], names[t], names[p], *[f"{v:.6f}" for v in pr_row]])
     roc, pr = curves(y, proba, pos)
     for name, rows in (("roc.csv", roc), ("pr.csv", pr)):

@@ -23,7 +23,7 @@ def classification_metrics(
     Returns:
         ``{"accuracy", "precision", "recall", "f1", "auc"}``; auc is NaN when only one class is present.
     """
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     y = np.asarray(y)
     pred = predict_labels(proba, positive_class, threshold)

@@ -40,15 +40,25 @@ def client() -> MlflowClient:
     """An MlflowClient on the configured tracking and registry store."""
     import logging
 
-    import mlflow
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     # alembic prints its migrations at INFO on a fresh sqlite store: noise for a person reading the stage log
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri()
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+    # mlflow.set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI "for subprocesses"; keep the
+    # environment as the user set it, so that the next call (another working directory, a test) resolves afresh
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
-    return MlflowClient()
+    mlflow.set_registry_uri(registry)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return MlflowClient(tracking_uri=uri, registry_uri=registry)
 
 
 def experiment_id(name: str) -> str:
@@ -177,3 +187,96 @@ def dvc_out_hash(out_path: str, lock: Path = Path("dvc.lock")) -> str:
 
 
 # --- model registry ---------------------------------------------------------------------------------------------
+# MLflow 3 registry: versions carry tags (commit, data hash, params hash, metrics) and are picked by alias
+# (`models:/<name>@champion`); registry stages are deprecated and not used.
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PYFUNC_NAME = "pyfunc"  # the logged model's name inside the run
+
+
+def log_and_register_pyfunc(
+    run_id: str,
+    model_name: str,
+    code_path: Path,
+    artifacts: dict[str, Path],
+    tags: dict[str, str],
+    input_shape: tuple[int, ...],
+    class_names: list[str],
+    pip_requirements: list[str] | None = None,
+) -> str:
+    """Log a pyfunc "model from code" into run ``run_id`` and register it as a new version of ``model_name``.
+
+    Args:
+        run_id: the pipeline's MLflow run (its status is left as it was).
+        model_name: registered model name (created on first use).
+        code_path: the Python file that defines the model and calls ``mlflow.models.set_model``.
+        artifacts: artifact key -> local file or folder, handed to the model as ``context.artifacts``.
+        tags: set on the new model version (values stringified).
+        input_shape: (C, *S) of one sample; the signature takes float32 (N, C, *S).
+        class_names: the output has one ``prob_<class>`` column per class and a ``label`` column.
+        pip_requirements: the model's requirements; explicit, so MLflow does not load the model to infer them.
+
+    Returns:
+        The new version number, as a string.
+    """
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    import mlflow
+
+    c = client()
+    prior_status = c.get_run(run_id).info.status
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+        outputs=Schema([ColSpec("float", f"prob_{n}") for n in class_names] + [ColSpec("string", "label")]),
+    )
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=PYFUNC_NAME,
+                python_model=str(code_path),
+                artifacts={k: str(v) for k, v in artifacts.items()},
+                signature=signature,
+                pip_requirements=pip_requirements,
+            )
+    finally:
+        # start_run(run_id=...) marks the run FINISHED (or FAILED) on exit; the pipeline decides when it ends
+        c.update_run(run_id, status=prior_status)
+    version = mlflow.register_model(info.model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def alias_version(model_name: str, alias: str) -> str | None:
+    """The version of ``model_name`` that carries ``alias``, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client().get_model_version_by_alias(model_name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def version_tag(model_name: str, version: str, key: str) -> str | None:
+    """Tag ``key`` of a model version, or None when the version does not have it."""
+    return client().get_model_version(model_name, version).tags.get(key)
+
+
+def champion_metric(model_name: str, metric: str, alias: str = CHAMPION) -> float | None:
+    """The ``metric`` tag of the version aliased ``alias`` as a float; None without such a version or tag."""
+    version = alias_version(model_name, alias)
+    if version is None:
+        return None
+    raw = version_tag(model_name, version, metric)
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def set_alias(model_name: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version`` (an alias names one version; it moves from wherever it was)."""
+    client().set_registered_model_alias(model_name, alias, str(version))

@@ -281,7 +281,8 @@ def run(
         run_params.update({f"data.n_{k}": v for k, v in meta["counts"].items()})
         run_params["data.input_shape"] = meta["input_shape"]
         rid = tracking.start_run(
-            params.base.experiment, f"{params.base.dataset}-{spec.family}-{spec.arch}", _run_tags(params, spec), run_params
+            params.base.experiment, f"{params.base.dataset}-{spec.family}-{spec.arch}", _run_tags(params, spec),
+            run_params,
         )
         artifacts = [inputs / "meta.json"] + ([ingest_summary] if ingest_summary and ingest_summary.exists() else [])
         tracking.log_artifacts(rid, artifacts, artifact_path="data")

@@ -16,7 +16,7 @@ def make_preprocessed(out: Path, n: tuple[int, int, int] = (48, 16, 20), size: i
     out.mkdir(parents=True, exist_ok=True)
     shape = (1,) + (size,) * spatial_dims
     counts = {}
-    for split, count in zip(("train", "val", "test"), n):
+    for split, count in zip(("train", "val", "test"), n, strict=False):
         y = np.arange(count) % 2
         x = (rng.random((count, *shape)) * 0.5).astype(np.float16)
         sl = (slice(None), slice(None)) + (slice(size // 4, size // 2),) * spatial_dims

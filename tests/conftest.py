@@ -6,11 +6,17 @@ them into their own ``tmp_path`` first.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# no phoning home from tests: the machine is offline and the attempts only add noise and lock contention
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from tasks.config import Params, load_params
 

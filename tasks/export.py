@@ -1,0 +1,306 @@
+"""Stage 5: export the trained network to Core ML (an ML Program ``.mlpackage``) with a portable ONNX sibling.
+
+Inputs: ``<model>/`` from train (model.json, model.pt, mlflow_run.json) and ``<data>/`` from preprocess (meta.json,
+test_x.npy). Outputs (``<output>/``):
+
+``<Name>.mlpackage``  Core ML classifier (``classLabel`` + ``classLabel_probs``), fp32, with provenance metadata
+``model.onnx``        the same softmax-wrapped network, dynamic batch (for MLflow serving and non-Apple targets)
+``export.json``       package size, parity figures, input contract, durations
+
+The Core ML input is what a device has at hand. 2D single-channel data takes an 8-bit grayscale image: the caller
+renders the slice with the recorded window (center/width, what a DICOM viewer shows) and the model divides by 255,
+which reproduces preprocessing's ``clip((HU - (center - width/2)) / width, 0, 1)`` up to 8-bit quantisation.
+Volumes, and channel counts a Core ML image cannot carry, take a float32 MLMultiArray of the preprocessed tensor.
+
+Core ML's ``predict`` runs only on macOS, so on Linux the package is checked by its spec (input, outputs, labels,
+metadata) and numerically through its sources: traced and ONNX Runtime probabilities against the eager model on
+the test images, failing above ``export.parity_tolerance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tasks import coreml, tracking
+from tasks.config import Params, load_params_or_exit, params_hash
+from tasks.models import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+EXPORT_JSON = "export.json"
+ONNX_FILE = "model.onnx"
+ONNX_INPUT, ONNX_OUTPUT = "input", "probabilities"
+META_KEYS = ("spatial_dims", "in_channels", "num_classes", "class_names", "spatial_size", "intensity")
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported, or the export does not match its source."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    package: Path
+    onnx: Path
+    input_kind: str
+    package_bytes: int
+    parity: dict[str, float]
+    durations_s: dict[str, float]
+
+
+def read_meta(data_dir: Path) -> dict[str, Any]:
+    """Read and check preprocess's ``meta.json``; fails naming the file and the missing key."""
+    path = data_dir / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (did the preprocess stage run?)")
+    meta = json.loads(path.read_text())
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ExportError(f"{path}: missing key(s) {missing}")
+    if meta["intensity"].get("kind") not in ("hu_window", "uint8"):
+        raise ExportError(f"{path}: intensity.kind must be 'hu_window' or 'uint8', got {meta['intensity']!r}")
+    return meta
+
+
+def load_test_images(data_dir: Path, limit: int) -> np.ndarray:
+    """The first ``limit`` (0 = all) test images as float32 (N, C, *S) in [0, 1]."""
+    path = data_dir / "test_x.npy"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (did the preprocess stage run?)")
+    x = np.load(path, mmap_mode="r")
+    return np.asarray(x[:limit] if limit else x, dtype=np.float32)
+
+
+def load_torch_model(spec: ModelSpec, model_dir: Path) -> torch.nn.Module:
+    """Rebuild the network from ``spec``, load ``<model_dir>/model.pt`` and return it in eval mode."""
+    import torch
+
+    from tasks.models import build_model
+
+    path = model_dir / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights not found (did the train stage run?)")
+    model = build_model(spec)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def with_softmax(model: torch.nn.Module) -> torch.nn.Module:
+    """Wrap a logits model so that it outputs class probabilities (B, num_classes)."""
+    import torch
+
+    class Probabilities(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.net(x), dim=1)
+
+    return Probabilities(model).eval()
+
+
+def predict_torch(model: Any, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Probabilities of an eager or traced module on float32 (N, C, *S), in batches."""
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate(
+            [model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)]
+        ) if len(x) else np.zeros((0, 0), np.float32)
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """Write ``model`` to ONNX with input ``input`` (N, C, *S) and output ``probabilities``, batch dynamic."""
+    import torch
+
+    with warnings.catch_warnings():
+        # torch >= 2.9 defaults to the torch.export-based exporter, which needs onnxscript (not a dependency);
+        # the TorchScript-based exporter handles these CNN/GRU graphs and only warns that it is legacy.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (example,), str(path), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+            dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}}, opset_version=opset, dynamo=False,
+        )
+
+
+def predict_onnx(path: Path, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {ONNX_INPUT: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def data_hash(data_dir: Path) -> str:
+    """DVC's md5 of ``data/ingested`` from dvc.lock, else ``sha256:`` of preprocess's meta.json + test arrays."""
+    recorded = tracking.dvc_out_hash("data/ingested")
+    if recorded != "unknown":
+        return recorded
+    h = hashlib.sha256()
+    for name in ("meta.json", "test_x.npy", "test_y.npy"):
+        path = data_dir / name
+        if path.exists():
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def provenance(
+    params: Params, spec: ModelSpec, meta: dict[str, Any], data_dir: Path, run_id: str, contract: coreml.InputContract
+) -> dict[str, str]:
+    """The Core ML ``user_defined_metadata``: where the model came from and what its input means (strings only)."""
+    inten = meta["intensity"]
+    spacing = meta.get("spacing") or meta.get("spacing_mm") or meta.get("source_spacing_mm")
+    window = {"window_center": f"{inten['center']:g}", "window_width": f"{inten['width']:g}"}
+    return {
+        "git_commit": tracking.git_commit(), "dvc_data_hash": data_hash(data_dir), "mlflow_run_id": run_id,
+        "params_hash": params_hash(params), "family": spec.family, "arch": spec.arch,
+        "class_names": json.dumps(list(meta["class_names"])), "input_shape": json.dumps(list(contract.shape)),
+        "input_kind": contract.kind, "intensity": json.dumps(inten), "spacing_mm": json.dumps(spacing),
+        **(window if inten["kind"] == "hu_window" else {}),
+    }
+
+
+def _check_svm(spec: ModelSpec) -> None:
+    from importlib.metadata import version
+
+    raise ExportError(
+        f"train.family={spec.family}: the SVM baseline has no Core ML export. coremltools 9.0 disables its "
+        f"scikit-learn converter for scikit-learn > 1.5.1 (installed: {version('scikit-learn')}), and even where it "
+        "runs it yields a NeuralNetwork-era pipeline model with no ONNX sibling to check parity against. "
+        "Set train.family to cnn or rnn to export."
+    )
+
+
+def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> ExportResult:
+    """Export the trained model; see the module docstring for what is written and checked.
+
+    Raises:
+        ExportError: for an SVM, a spec that does not match, or parity above ``export.parity_tolerance``.
+    """
+    t0 = time.perf_counter()
+    ep = params.export
+    meta = read_meta(data_dir)
+    spec = ModelSpec.load(model_dir / "model.json")
+    if spec.family == "svm":
+        _check_svm(spec)
+    expected = (meta["in_channels"], *meta["spatial_size"])
+    if tuple(spec.input_shape) != tuple(expected):
+        raise ExportError(f"{model_dir / 'model.json'}: input_shape {spec.input_shape} != {data_dir / 'meta.json'} "
+                          f"in_channels + spatial_size {expected}; rerun train on this data")
+    class_names = list(spec.class_names or meta["class_names"])
+    if class_names != list(meta["class_names"]):
+        raise ExportError(f"{model_dir / 'model.json'}: class_names {class_names} != {data_dir / 'meta.json'} "
+                          f"class_names {meta['class_names']}")
+    run_id = tracking.read_run_id(model_dir)
+    contract = coreml.input_contract(spec, meta)
+    x = load_test_images(data_dir, ep.parity_images)
+    if x.shape[1:] != tuple(spec.input_shape):
+        raise ExportError(f"{data_dir / 'test_x.npy'}: shape {x.shape[1:]} per image != model {spec.input_shape}")
+    durations: dict[str, float] = {}
+
+    import torch
+
+    t = time.perf_counter()
+    model = with_softmax(load_torch_model(spec, model_dir))
+    example = torch.from_numpy(x[:1].copy()) if len(x) else torch.rand(1, *spec.input_shape)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    durations["trace"] = time.perf_counter() - t
+
+    output.mkdir(parents=True, exist_ok=True)
+    package, onnx_path = output / coreml.package_name(params.base.model_name), output / ONNX_FILE
+    for old in (package, onnx_path, output / EXPORT_JSON):
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    t = time.perf_counter()
+    export_onnx(model, example, onnx_path, ep.onnx_opset)
+    durations["onnx"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    try:
+        mlmodel = coreml.convert(traced, contract, class_names, ep.deployment_target)
+    except Exception as exc:  # coremltools raises NotImplementedError/ValueError/RuntimeError per op
+        raise ExportError(f"coremltools could not convert train.arch={spec.arch} ({spec.spatial_dims}D "
+                          f"{spec.family}): {type(exc).__name__}: {exc}") from exc
+    user_meta = provenance(params, spec, meta, data_dir, run_id, contract)
+    coreml.describe(
+        mlmodel, contract, class_names, author=ep.author, license=ep.license, metadata=user_meta,
+        short_description=f"{ep.description} ({spec.family}/{spec.arch}, {spec.spatial_dims}D)",
+        version=user_meta["git_commit"][:12],
+    )
+    mlmodel.save(str(package))
+    durations["coreml"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    info = coreml.inspect_package(package)
+    mismatches = coreml.spec_mismatches(info, contract, class_names)
+    if mismatches:
+        raise ExportError(f"{package}: the saved Core ML spec does not match the export:\n  " + "\n  ".join(mismatches))
+    eager = predict_torch(model, x)
+    parity = {
+        "images": len(x), "tolerance": ep.parity_tolerance,
+        "traced_vs_eager_max_abs": float(np.abs(predict_torch(traced, x) - eager).max()) if len(x) else 0.0,
+        "onnx_vs_eager_max_abs": float(np.abs(predict_onnx(onnx_path, x) - eager).max()) if len(x) else 0.0,
+    }
+    durations["verify"] = time.perf_counter() - t
+    worst = max(parity["traced_vs_eager_max_abs"], parity["onnx_vs_eager_max_abs"])
+    if worst > ep.parity_tolerance:
+        raise ExportError(f"{output}: parity check failed on {len(x)} images of {data_dir / 'test_x.npy'}: {parity} "
+                          f"(export.parity_tolerance={ep.parity_tolerance})")
+    durations["total"] = time.perf_counter() - t0
+
+    record = {
+        "package": package.name, "package_bytes": coreml.package_bytes(package), "onnx": onnx_path.name,
+        "onnx_bytes": onnx_path.stat().st_size, "onnx_opset": ep.onnx_opset,
+        "onnx_io": {"input": ONNX_INPUT, "output": ONNX_OUTPUT},
+        "family": spec.family, "arch": spec.arch, "class_names": class_names, "input_shape": list(spec.input_shape),
+        "coreml": {
+            "input_name": contract.name, "input_kind": contract.kind, "input_color": contract.color,
+            "input_shape": list(contract.shape), "input_description": contract.description,
+            "label_output": coreml.LABEL_OUTPUT, "probabilities_output": coreml.PROBS_OUTPUT,
+            "deployment_target": ep.deployment_target, "specification_version": info["specification_version"],
+        },
+        "metadata": user_meta, "parity": parity, "durations_s": {k: round(v, 3) for k, v in durations.items()},
+    }
+    (output / EXPORT_JSON).write_text(json.dumps(record, indent=2) + "\n")
+    tracking.log_metrics(run_id, {
+        "export_package_bytes": record["package_bytes"], "export_onnx_bytes": record["onnx_bytes"],
+        "export_parity_traced_max_abs": parity["traced_vs_eager_max_abs"],
+        "export_parity_onnx_max_abs": parity["onnx_vs_eager_max_abs"], "export_seconds": durations["total"],
+    })
+    tracking.set_tags(run_id, {"export.input_kind": contract.kind, "export.package": package.name})
+    tracking.log_artifacts(run_id, [output / EXPORT_JSON], artifact_path="export")
+    return ExportResult(package, onnx_path, contract.kind, record["package_bytes"], parity, durations)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tasks.export", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", type=Path, default=Path("models/train"))
+    ap.add_argument("--data", type=Path, default=Path("data/preprocessed"))
+    ap.add_argument("--output", type=Path, default=Path("models/export"))
+    args = ap.parse_args(argv)
+    params = load_params_or_exit(args.params)
+    try:
+        res = run(params, args.model, args.data, args.output)
+    except ExportError as exc:
+        raise SystemExit(f"export: {exc}") from None
+    par = res.parity
+    print(f"export: {res.package} ({res.package_bytes / 1e6:.1f} MB, {res.input_kind} input), {res.onnx}; max |diff| "
+          f"traced {par['traced_vs_eager_max_abs']:.2e}, onnx {par['onnx_vs_eager_max_abs']:.2e} "
+          f"in {res.durations_s['total']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

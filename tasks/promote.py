@@ -1,0 +1,140 @@
+"""Stage 6: register the exported model in MLflow and alias it ``champion`` or ``challenger``.
+
+Inputs: ``<model>/`` from train (mlflow_run.json, val_metrics.json), ``<export>/`` from export (the .mlpackage,
+model.onnx, export.json) and evaluate's metrics.json. The new version is a pyfunc (:mod:`tasks.coreml_pyfunc`)
+holding the Core ML package and its ONNX sibling, tagged with the git commit, the data hash, the params hash and
+the validation and test metrics.
+
+Promotion rule: the new version becomes ``champion`` when its ``promote.metric`` (a validation metric, from
+val_metrics.json; the test set stays out of model selection) beats the champion's tag of the same name, or when
+there is no champion yet; otherwise it becomes ``challenger``. A champion without that tag cannot be compared and
+is kept: the new version is the challenger and a person decides. Output: ``registry.json``. This is the last stage,
+so it ends the MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks import tracking
+from tasks.config import Params, load_params_or_exit, params_hash
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    model_name: str
+    version: str
+    alias: str
+    run_id: str
+    metric: str
+    value: float
+    previous_champion: str | None
+    previous_value: float | None
+    reason: str
+
+
+def _read_json(path: Path, producer: str) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (did the {producer} stage run?)")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _numbers(d: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def decide(value: float, champion: str | None, champion_value: float | None, greater_is_better: bool,
+           metric: str) -> tuple[str, str]:
+    """The alias for a new version with ``value``, and why.
+
+    Args:
+        value: the new version's metric (NaN never wins).
+        champion: the current champion's version, or None.
+        champion_value: its tag ``metric``, or None when it has none.
+        greater_is_better: direction of ``metric``.
+        metric: the metric's name, for the reason.
+
+    Returns:
+        (``champion`` or ``challenger``, a one-line reason).
+    """
+    if champion is None:
+        return tracking.CHAMPION, "no champion yet"
+    if champion_value is None:
+        return tracking.CHALLENGER, f"champion v{champion} has no {metric} tag to compare with; a person decides"
+    if math.isnan(value):
+        return tracking.CHALLENGER, f"{metric} is NaN"
+    if math.isnan(champion_value):
+        return tracking.CHAMPION, f"{metric} {value:.4f} replaces champion v{champion}'s NaN"
+    better = value > champion_value if greater_is_better else value < champion_value
+    relation = "beats" if better else "does not beat"
+    return (tracking.CHAMPION if better else tracking.CHALLENGER), (
+        f"{metric} {value:.4f} {relation} champion v{champion} ({champion_value:.4f})"
+    )
+
+
+def run(params: Params, model_dir: Path, export_dir: Path, metrics_path: Path, output: Path) -> PromoteResult:
+    """Register the exported model as a new version, alias it, write ``output`` and end the MLflow run."""
+    from tasks import coreml_pyfunc
+
+    name, metric = params.base.model_name, params.promote.metric
+    val_path = model_dir / "val_metrics.json"
+    val = _numbers(_read_json(val_path, "train"))
+    if metric not in val:
+        raise KeyError(f"{val_path}: no {metric!r} (promote.metric); it has {sorted(val)}")
+    test = _numbers(_read_json(metrics_path, "evaluate"))
+    record = _read_json(export_dir / "export.json", "export")
+    artifacts = {
+        coreml_pyfunc.ARTIFACT_PACKAGE: export_dir / record["package"],
+        coreml_pyfunc.ARTIFACT_ONNX: export_dir / record["onnx"],
+        coreml_pyfunc.ARTIFACT_EXPORT_JSON: export_dir / "export.json",
+    }
+    for key, path in artifacts.items():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: {key} named in {export_dir / 'export.json'} is missing; rerun export")
+    run_id = tracking.read_run_id(model_dir)
+
+    champion = tracking.alias_version(name, tracking.CHAMPION)
+    champion_value = tracking.champion_metric(name, metric) if champion else None
+    tags = {
+        "git_commit": tracking.git_commit(), "dvc_data_hash": record["metadata"].get("dvc_data_hash", "unknown"),
+        "params_hash": params_hash(params), "family": record["family"], "arch": record["arch"],
+        "coreml_package": record["package"], **{k: f"{v:.6g}" for k, v in {**val, **test}.items()},
+    }
+    version = tracking.log_and_register_pyfunc(
+        run_id, name, Path(coreml_pyfunc.__file__), {k: v for k, v in artifacts.items()}, tags,
+        tuple(record["input_shape"]), list(record["class_names"]), coreml_pyfunc.pip_requirements(),
+    )
+    alias, reason = decide(val[metric], champion, champion_value, params.promote.greater_is_better, metric)
+    tracking.set_alias(name, alias, version)
+    result = PromoteResult(name, version, alias, run_id, metric, val[metric], champion, champion_value, reason)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    tracking.set_tags(run_id, {"registered_model": name, "registered_version": version, "registered_alias": alias})
+    tracking.end_run(run_id)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tasks.promote", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", type=Path, default=Path("models/train"))
+    ap.add_argument("--export", type=Path, default=Path("models/export"))
+    ap.add_argument("--metrics", type=Path, default=Path("reports/evaluate/metrics.json"))
+    ap.add_argument("--output", type=Path, default=Path("models/registry.json"))
+    args = ap.parse_args(argv)
+    params = load_params_or_exit(args.params)
+    res = run(params, args.model, args.export, args.metrics, args.output)
+    print(f"promote: {res.model_name} version {res.version} -> @{res.alias} ({res.reason}); "
+          f"load with mlflow.pyfunc.load_model('models:/{res.model_name}@{res.alias}')")
+
+
+if __name__ == "__main__":
+    main()

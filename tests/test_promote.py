@@ -1,0 +1,121 @@
+"""promote: register the exported pyfunc, alias champion/challenger, serve it from `models:/<name>@champion`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import export, promote, tracking
+from tasks.models import ModelSpec
+from tests._fake import make_preprocessed
+from tests.test_export import make_trained, tiny_params
+
+NAME = "medpipe-classifier"
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    make_preprocessed(tmp_path / "pre", n=(4, 4, 6), size=32)
+    (tmp_path / "metrics.json").write_text(json.dumps({"test_auc": 0.75, "test_accuracy": 0.7}))
+    return tmp_path
+
+
+def _train_and_promote(wd: Path, tag: str, val_auc: float, export_dir: Path | None = None) -> promote.PromoteResult:
+    model_dir = make_trained(wd / tag, val_auc=val_auc)
+    if export_dir is None:
+        export_dir = wd / "export"
+        export.run(tiny_params(), model_dir, wd / "pre", export_dir)
+    return promote.run(tiny_params(), model_dir, export_dir, wd / "metrics.json", wd / tag / "registry.json")
+
+
+@pytest.mark.slow
+def test_champion_then_challenger_then_new_champion_and_serving(workdir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    first = _train_and_promote(workdir, "v1", 0.80)
+    assert (first.version, first.alias, first.previous_champion) == ("1", "champion", None)
+    second = _train_and_promote(workdir, "v2", 0.70, workdir / "export")
+    assert (second.version, second.alias, second.previous_champion) == ("2", "challenger", "1")
+    third = _train_and_promote(workdir, "v3", 0.90, workdir / "export")
+    assert (third.version, third.alias, third.previous_champion, third.previous_value) == ("3", "champion", "1", 0.8)
+
+    assert tracking.alias_version(NAME, "champion") == "3"
+    assert tracking.alias_version(NAME, "challenger") == "2"
+    assert json.loads((workdir / "v3/registry.json").read_text()) | {"reason": ""} == {
+        "model_name": NAME, "version": "3", "alias": "champion", "run_id": third.run_id, "metric": "val_auc",
+        "value": 0.9, "previous_champion": "1", "previous_value": 0.8, "reason": "",
+    }
+    client = MlflowClient()
+    mv = client.get_model_version(NAME, "3")
+    assert mv.run_id == third.run_id
+    assert {"git_commit", "dvc_data_hash", "params_hash"} <= set(mv.tags)
+    assert (mv.tags["val_auc"], mv.tags["test_auc"]) == ("0.9", "0.75")
+    assert client.get_run(third.run_id).info.status == "FINISHED", "promote ends the pipeline's run"
+
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    x = np.load(workdir / "pre/test_x.npy").astype(np.float32)
+    out = model.predict(x)
+    assert list(out.columns) == ["prob_normal", "prob_lesion", "label"] and len(out) == len(x)
+    spec = ModelSpec.load(workdir / "v1/model/model.json")  # the export all versions share
+    want = export.predict_torch(export.with_softmax(export.load_torch_model(spec, workdir / "v1/model")), x)
+    assert np.abs(out[["prob_normal", "prob_lesion"]].to_numpy() - want).max() < 1e-4
+    assert list(out["label"]) == [spec.class_names[i] for i in want.argmax(1)]
+    # MLflow's DataFrame form for a tensor signature: one column, each cell a flattened sample
+    flat = model.predict(pd.DataFrame({"x": list(x.reshape(len(x), -1))}))
+    assert np.allclose(flat[["prob_normal", "prob_lesion"]].to_numpy(), want, atol=1e-4)
+    with pytest.raises(Exception, match="shape"):
+        model.predict(x[:, :, :16, :16])
+
+
+def test_missing_metric_names_file_and_setting(workdir: Path) -> None:
+    model_dir = make_trained(workdir)
+    params = tiny_params(**{"promote.metric": "val_kappa"})
+    with pytest.raises(KeyError, match=r"val_metrics\.json.*promote\.metric"):
+        promote.run(params, model_dir, workdir / "export", workdir / "metrics.json", workdir / "registry.json")
+
+
+@pytest.mark.parametrize(
+    ("value", "champion", "champion_value", "greater", "alias"),
+    [
+        (0.5, None, None, True, "champion"),
+        (0.9, "1", 0.8, True, "champion"),
+        (0.8, "1", 0.8, True, "challenger"),  # a tie keeps the champion
+        (0.7, "1", 0.8, True, "challenger"),
+        (0.7, "1", 0.8, False, "champion"),  # e.g. a loss
+        (0.9, "1", None, True, "challenger"),  # nothing to compare with: a person decides
+        (math.nan, "1", 0.8, True, "challenger"),
+        (0.6, "1", math.nan, True, "champion"),
+    ],
+)
+def test_decide(value: float, champion: str | None, champion_value: float | None, greater: bool, alias: str) -> None:
+    assert promote.decide(value, champion, champion_value, greater, "val_auc")[0] == alias
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,  # (N, C, H, W)
+        lambda x: x.reshape(len(x), -1),  # flat rows
+        lambda x: pd.DataFrame(x.reshape(len(x), -1)),  # one column per value
+        lambda x: pd.DataFrame({"x": list(x.reshape(len(x), -1))}),  # one column of flattened samples
+        lambda x: x.astype(np.float64),
+    ],
+)
+def test_pyfunc_input_forms(make) -> None:
+    from tasks.coreml_pyfunc import as_batch
+
+    x = np.random.default_rng(0).random((3, 1, 8, 8)).astype(np.float32)
+    got = as_batch(make(x), (1, 8, 8))
+    assert got.dtype == np.float32 and got.shape == (3, 1, 8, 8) and np.allclose(got, x)
+    assert as_batch(x[0], (1, 8, 8)).shape == (1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"expected \(N, 1, 8, 8\)"):
+        as_batch(x[:, :, :4], (1, 8, 8))
