@@ -7,7 +7,7 @@ fail before any work is done, with a message that names the file, the dotted key
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,13 +27,15 @@ class BaseParams(_Strict):
     seed: int = Field(42, ge=0)
     dataset: str = "synthetic-ct"
     experiment: str = "medpipe"
+    sweep: str | None = None  # a name: each run is nested under one MLflow parent run of that name (seed/model grids)
     model_name: str = "medpipe-classifier"
-    class_names: list[str] = Field(default_factory=lambda: ["normal", "lesion"], min_length=2)
+    # index = label value; null: taken from the data (a MedMNIST set's class count, or the label CSV's values)
+    class_names: list[str] | None = Field(default_factory=lambda: ["normal", "lesion"], min_length=2)
     positive_class: int = Field(1, ge=0)
 
     @model_validator(mode="after")
     def _positive_in_range(self) -> BaseParams:
-        if self.positive_class >= len(self.class_names):
+        if self.class_names is not None and self.positive_class >= len(self.class_names):
             raise ValueError(
                 f"positive_class={self.positive_class} is not an index of class_names {self.class_names}"
             )
@@ -61,11 +63,19 @@ class IngestParams(_Strict):
     labels_csv: str | None = "data/synthetic/labels.csv"
     label_key: str = "AccessionNumber"
     label_column: str = "label"
-    medmnist_path: str | None = None
+    medmnist_path: str | None = None  # an official MedMNIST .npz; null: medmnist_name + medmnist_size
+    medmnist_name: str | None = None  # a MedMNIST flag, e.g. adrenalmnist3d, found in $MEDMNIST_ROOT
+    medmnist_size: Literal[28, 64, 128, 224] = 28
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     deid: DeidParams = DeidParams()
     workers: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _medmnist_named(self) -> IngestParams:
+        if self.source == "medmnist" and not (self.medmnist_path or self.medmnist_name):
+            raise ValueError("source: medmnist needs medmnist_path (a .npz) or medmnist_name (e.g. adrenalmnist3d)")
+        return self
 
 
 class PreprocessParams(_Strict):
@@ -89,19 +99,26 @@ class SvmParams(_Strict):
 class TrainParams(_Strict):
     family: Literal["cnn", "rnn", "svm"] = "cnn"
     arch: Literal["resnet10", "resnet18", "resnet34", "densenet121"] = "resnet18"
+    width: float = Field(1.0, gt=0, le=4)  # ResNet widen factor: 0.25 -> 16/32/64/128 channels
+    stem_stride: int = Field(1, ge=1, le=4)  # ResNet stem stride: 2 halves every feature map (4x/8x fewer FLOPs)
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
+    warmup_epochs: int = Field(1, ge=0)  # linear LR warm-up, then cosine decay to 0 (per optimiser step)
     weight_decay: float = Field(1e-4, ge=0)
     augment: bool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    ema: float = Field(0.0, ge=0, lt=1)  # decay of an exponential moving average of the weights; 0 = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0)
-    select_metric: Literal["auc", "accuracy", "f1"] = "auc"
+    # the validation metric that picks the epoch; loss = cross-entropy (lower is better), steadier on small splits
+    select_metric: Literal["auc", "accuracy", "f1", "loss"] = "auc"
     svm: SvmParams = SvmParams()
 
 
 class EvaluateParams(_Strict):
-    threshold: float = Field(0.5, ge=0, le=1)
+    # on the positive-class probability (binary); "val": the accuracy-optimal threshold train found on validation
+    threshold: Annotated[float, Field(ge=0, le=1)] | Literal["val"] = 0.5
     bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0, lt=1)
 
@@ -134,8 +151,16 @@ class Params(_Strict):
     promote: PromoteParams = PromoteParams()
 
 
+def _union_tag(part: Any) -> bool:
+    """Whether a pydantic error-location part names a union member (``constrained-float``, ``literal['val']``)."""
+    return isinstance(part, str) and (part.startswith(("constrained-", "literal[", "list[")) or part in _TYPE_TAGS)
+
+
+_TYPE_TAGS = {"float", "int", "str", "bool", "none"}
+
+
 def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    key = ".".join(str(p) for p in err["loc"] if not _union_tag(p)) or "<root>"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key (not in the schema; check the spelling)"

@@ -113,6 +113,16 @@ def plot_all(
     return paths
 
 
+def resolve_threshold(setting: float | str, val: dict, source: Path) -> tuple[float, str]:
+    """The decision threshold to apply: ``evaluate.threshold`` as given, or (``val``) the one train chose on the
+    validation split (``val_threshold`` in val_metrics.json; multi-class tasks and the SVM have none: 0.5)."""
+    if setting != "val":
+        return float(setting), "params"
+    if "val_threshold" in val:
+        return float(val["val_threshold"]), f"validation ({source})"
+    return 0.5, "0.5 (no validation threshold: multi-class or svm)"
+
+
 def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> EvaluateResult:
     """Evaluate on the test split once; write metrics, curves and plots; log them to the training run."""
     from sklearn.metrics import confusion_matrix
@@ -127,23 +137,26 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Evalua
     if len(y) == 0 or (y < 0).any():
         raise ValueError(f"{data_dir / 'test_y.npy'}: the test split is empty or has unlabelled samples")
     ev, pos = params.evaluate, params.base.positive_class
-    proba = predict_proba(model, spec, x, svm_feature_size=params.train.svm.feature_size)
-    point = classification_metrics(y, proba, pos, ev.threshold)
-    groups = [r["patient_id"] for r in ids]
-    cis = bootstrap_ci(y, proba, groups, pos, ev.threshold, ev.bootstrap, ev.ci, params.base.seed)
-    pred = predict_labels(proba, pos, ev.threshold)
-    cm = confusion_matrix(y, pred, labels=list(range(spec.num_classes)))
     val = json.loads((model_dir / "val_metrics.json").read_text())
+    threshold, source = resolve_threshold(ev.threshold, val, model_dir / "val_metrics.json")
+    proba = predict_proba(model, spec, x, svm_feature_size=params.train.svm.feature_size)
+    point = classification_metrics(y, proba, pos, threshold)
+    groups = [r["patient_id"] for r in ids]
+    cis = bootstrap_ci(y, proba, groups, pos, threshold, ev.bootstrap, ev.ci, params.base.seed)
+    pred = predict_labels(proba, pos, threshold)
+    cm = confusion_matrix(y, pred, labels=list(range(spec.num_classes)))
 
     metrics: dict = {f"test_{k}": v for k, v in point.items()}
     for k, (lo, hi) in cis.items():
         metrics[f"test_{k}_ci_low"], metrics[f"test_{k}_ci_high"] = lo, hi
     metrics.update({k: v for k, v in val.items() if k.startswith("val_")})
     metrics["n_test"] = int(len(y))
+    metrics["test_threshold"] = threshold
     report = {
         **metrics,
         "positive_class": spec.class_names[pos] if spec.class_names else pos,
-        "threshold": ev.threshold,
+        "threshold": threshold,
+        "threshold_source": source,
         "ci_level": ev.ci,
         "bootstrap_resamples": ev.bootstrap,
         "bootstrap_unit": "patient",

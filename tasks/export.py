@@ -81,20 +81,6 @@ def load_test_images(data_dir: Path, limit: int) -> np.ndarray:
     return np.asarray(x[:limit] if limit else x, dtype=np.float32)
 
 
-def load_torch_model(spec: ModelSpec, model_dir: Path) -> torch.nn.Module:
-    """Rebuild the network from ``spec``, load ``<model_dir>/model.pt`` and return it in eval mode."""
-    import torch
-
-    from tasks.models import build_model
-
-    path = model_dir / "model.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: weights not found (did the train stage run?)")
-    model = build_model(spec)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
 def with_softmax(model: torch.nn.Module) -> torch.nn.Module:
     """Wrap a logits model so that it outputs class probabilities (B, num_classes)."""
     import torch
@@ -213,7 +199,9 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Export
     import torch
 
     t = time.perf_counter()
-    model = with_softmax(load_torch_model(spec, model_dir))
+    from tasks.models import load_trained
+
+    model = with_softmax(load_trained(model_dir)[1])
     example = torch.from_numpy(x[:1].copy()) if len(x) else torch.rand(1, *spec.input_shape)
     with torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -234,6 +222,10 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Export
         raise ExportError(f"coremltools could not convert train.arch={spec.arch} ({spec.spatial_dims}D "
                           f"{spec.family}): {type(exc).__name__}: {exc}") from exc
     user_meta = provenance(params, spec, meta, data_dir, run_id, contract)
+    val_path = model_dir / "val_metrics.json"
+    val_threshold = json.loads(val_path.read_text()).get("val_threshold") if val_path.exists() else None
+    if val_threshold is not None:  # classLabel is the argmax; an app that wants the validated operating point
+        user_meta["val_threshold"] = f"{val_threshold:.6g}"  # compares classLabel_probs with this instead
     coreml.describe(
         mlmodel, contract, class_names, author=ep.author, license=ep.license, metadata=user_meta,
         short_description=f"{ep.description} ({spec.family}/{spec.arch}, {spec.spatial_dims}D)",

@@ -36,7 +36,7 @@ from tasks.dicom import DicomError, DicomImage  # light: tasks.dicom imports pyd
 
 MANIFEST_COLUMNS = (
     "image_id", "patient_id", "study_id", "series_uid", "study_date", "label", "split", "path", "sha256",
-    "shape", "spacing", "modality", "unit", "n_instances",
+    "shape", "spacing", "modality", "unit", "n_instances", "channels",
 )  # fmt: skip
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
 # Reasons decided here, beyond a single file's tasks.dicom.REASONS:
@@ -76,6 +76,7 @@ class ImageRecord:
     label_value: str | None = field(repr=False)
     label: int | None = None
     split: str = ""
+    channels: int = 1  # > 1: pixels are channel-first (C, *S)
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,8 @@ def collect_dicom(
     return len(files), images, quarantine, warnings
 
 
-def read_labels(path: Path, key: str, column: str, n_classes: int) -> dict[str, int]:
-    """The label table: label-key value -> class index.
+def read_labels(path: Path, key: str, column: str, n_classes: int | None) -> dict[str, int]:
+    """The label table: label-key value -> class index (in [0, n_classes); any index >= 0 when None).
 
     Raises:
         ValueError: naming the file (and line) for a missing column, a bad or out-of-range label, or a key given
@@ -189,8 +190,9 @@ def read_labels(path: Path, key: str, column: str, n_classes: int) -> dict[str, 
                 label = int(raw)
             except ValueError:
                 raise ValueError(f"{path}:{line}: {column}={raw!r} is not an integer class index") from None
-            if not k or not 0 <= label < n_classes:
-                raise ValueError(f"{path}:{line}: need a {key} and {column} in [0, {n_classes - 1}], got {raw!r}")
+            if not k or not 0 <= label < (n_classes or label + 1):
+                expected = f"in [0, {n_classes - 1}]" if n_classes else ">= 0"
+                raise ValueError(f"{path}:{line}: need a {key} and {column} {expected}, got {raw!r}")
             if table.setdefault(k, label) != label:
                 raise ValueError(f"{path}:{line}: {key} given two different labels")
     return table
@@ -246,7 +248,8 @@ def run(
     if labels_csv is not None:  # read first: a bad table fails before any DICOM is decoded
         if not Path(labels_csv).is_file():
             raise FileNotFoundError(f"{labels_csv}: label table not found (ingest.labels_csv or --labels)")
-        table = read_labels(Path(labels_csv), ip.label_key, ip.label_column, len(params.base.class_names))
+        names = params.base.class_names
+        table = read_labels(Path(labels_csv), ip.label_key, ip.label_column, len(names) if names else None)
 
     if ip.source == "dicom":
         from tasks.dicom import is_dicom_keyword
@@ -257,8 +260,20 @@ def run(
         if not is_dicom_keyword(ip.label_key):
             raise ValueError(f"ingest.label_key: {ip.label_key!r} is not a DICOM keyword")
         n_found, images, quarantine, warnings = collect_dicom(input_dir, ip, pseudo, progress)
-    else:  # source "medmnist": a collect_medmnist() returning the same four values plugs in here
-        raise NotImplementedError(f"ingest.source={ip.source!r} is not implemented yet; use source: dicom")
+    else:  # a MedMNIST .npz: already labelled, official splits kept
+        from tasks import medmnist
+
+        if table is not None:
+            raise ValueError("ingest.labels_csv: a MedMNIST source carries its own labels; set labels_csv: null")
+        try:
+            input_dir, n_found, images, warnings = medmnist.collect(ip, progress)
+        except medmnist.MedMNISTError as exc:
+            raise ValueError(str(exc)) from None
+        quarantine = []
+        n_classes = params.base.class_names and len(params.base.class_names)
+        if n_classes and max(im.label for im in images) >= n_classes:
+            raise ValueError(f"base.class_names: {len(params.base.class_names)} names, but {input_dir} has labels up "
+                             f"to {max(im.label for im in images)}; give one name per class or null (from the data)")
 
     unmatched = 0
     if table is not None:
@@ -286,22 +301,28 @@ def run(
 
     _prepare_output(output)
     rows = []
-    for im in sorted(images, key=lambda r: (r.patient_id, r.study_date, r.image_id)):
+    from tqdm import tqdm
+
+    ordered = sorted(images, key=lambda r: (r.patient_id, r.study_date, r.image_id))
+    for im in tqdm(ordered, desc="ingest: write", unit="img", disable=not progress or len(ordered) < 200):
         rel = f"arrays/{im.image_id}.npy"
-        pixels = np.ascontiguousarray(im.pixels, dtype=np.float32)
+        # 8-bit sources stay 8-bit (MedMNIST 64^3 is 0.4 GB as uint8, 1.7 GB as float32); HU etc. as float32
+        pixels = np.ascontiguousarray(im.pixels, dtype=np.uint8 if im.unit == "uint8" else np.float32)
         np.save(output / rel, pixels)
         rows.append((
             im.image_id, im.patient_id, im.study_id, im.series_uid, im.study_date,
             "" if im.label is None else im.label, im.split, rel, hashlib.sha256(pixels.tobytes()).hexdigest(),
             json.dumps(list(pixels.shape)), json.dumps(im.spacing and [round(s, 6) for s in im.spacing]),
-            im.modality, im.unit, len(im.files),
+            im.modality, im.unit, len(im.files), im.channels,
         ))  # fmt: skip
     _write_csv(output / "manifest.csv", MANIFEST_COLUMNS, rows)
     quarantine.sort()
     _write_csv(output / "quarantine.csv", QUARANTINE_COLUMNS, quarantine)
 
     summary = summarise(n_found, images, quarantine, pseudo, warnings)
+    labelled = [im.label for im in images if im.label is not None]
     summary.update(
+        class_names=list(params.base.class_names or [str(i) for i in range(max(labelled, default=-1) + 1)]),
         source=ip.source,
         input=str(input_dir),
         labels_csv=labels_csv and str(labels_csv),

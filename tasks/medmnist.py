@@ -11,8 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tasks.config import IngestParams
+    from tasks.ingest import ImageRecord
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
@@ -106,3 +111,36 @@ def load(path: Path) -> tuple[dict[str, MedMNISTSplit], dict[str, int]]:
         "num_classes": int(all_labels.max()) + 1,
     }
     return splits, info
+
+
+def collect(params: IngestParams, progress: bool = True) -> tuple[Path, int, list[ImageRecord], list[str]]:
+    """Read a MedMNIST file into ingest's image records, keeping the official splits.
+
+    MedMNIST publishes no patient identifiers, so each image is its own pseudonymous "patient" (``mm-<split>-<i>``):
+    the official splits are kept as published, and bootstrap intervals resample images.
+
+    Returns:
+        (the .npz path, images found, records with ``split`` and ``label`` set, warnings). ``pixels`` are uint8,
+        (*S) for one channel or (C, *S) channel-first for RGB.
+    """
+    from tqdm import tqdm
+
+    from tasks.ingest import ImageRecord
+
+    path = resolve(params.medmnist_path, params.medmnist_name, params.medmnist_size)
+    splits, info = load(path)
+    records: list[ImageRecord] = []
+    total = sum(len(s.labels) for s in splits.values())
+    bar = tqdm(total=total, desc=f"ingest: {path.name}", unit="img", disable=not progress)
+    for split, data in splits.items():
+        for i, (img, label) in enumerate(zip(data.images, data.labels, strict=True)):
+            image_id = f"mm-{split}-{i:05d}"
+            records.append(ImageRecord(
+                image_id=image_id, patient_id=image_id, study_id=image_id, series_uid=image_id, study_date="",
+                pixels=img[0] if info["in_channels"] == 1 else img, spacing=None, modality="MedMNIST",
+                unit="uint8", files=[f"{path.name}#{split}/{i}"], label_value=None, label=int(label), split=split,
+                channels=info["in_channels"],
+            ))  # fmt: skip
+            bar.update()
+    bar.close()
+    return path, total, records, []

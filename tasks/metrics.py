@@ -58,3 +58,29 @@ def auc(y: np.ndarray, proba: np.ndarray, positive_class: int = 1) -> float:
         return float(roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=np.arange(proba.shape[1])))
     except ValueError:  # a single class present
         return float("nan")
+
+
+def best_threshold(y: np.ndarray, proba: np.ndarray, positive_class: int = 1) -> float:
+    """The decision threshold on the positive-class probability that maximises accuracy on (validation) data.
+
+    Candidates are 0.5 and the midpoints between consecutive distinct scores; among those with the highest
+    accuracy the one closest to 0.5 wins (the argmax rule unless the data say otherwise). Binary only.
+
+    Args:
+        y: (N,) class indices. proba: (N, 2) probabilities. positive_class: index of the positive class.
+    """
+    if proba.shape[1] != 2:
+        raise ValueError("a decision threshold applies to binary tasks only")
+    score = proba[:, positive_class]
+    yb = np.asarray(y) == positive_class
+    distinct = np.unique(score)
+    candidates = np.concatenate([[0.5], (distinct[:-1] + distinct[1:]) / 2])
+    acc = np.array([((score >= t) == yb).mean() for t in candidates])
+    best = candidates[acc == acc.max()]
+    return float(best[np.argmin(np.abs(best - 0.5))])
+
+
+def cross_entropy(y: np.ndarray, proba: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes (natural log; probabilities clipped at 1e-7)."""
+    p = np.clip(proba[np.arange(len(y)), np.asarray(y)], 1e-7, 1.0)
+    return float(-np.log(p).mean())

@@ -27,6 +27,8 @@ class ModelSpec:
         num_classes: number of output logits.
         input_shape: the (C, *spatial) shape the network was trained on.
         class_names: label names, index = class id.
+        width: ResNet widen factor (1.0 = MONAI's 64/128/256/512 channels).
+        stem_stride: stride of the ResNet's first convolution.
     """
 
     family: str
@@ -36,6 +38,8 @@ class ModelSpec:
     num_classes: int
     input_shape: tuple[int, ...]
     class_names: tuple[str, ...] = field(default_factory=tuple)
+    width: float = 1.0
+    stem_stride: int = 1
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -50,7 +54,9 @@ class ModelSpec:
         return cls(**raw)
 
 
-def _monai_cnn(arch: str, spatial_dims: int, in_channels: int, num_classes: int) -> nn.Module:
+def _monai_cnn(
+    arch: str, spatial_dims: int, in_channels: int, num_classes: int, width: float = 1.0, stem_stride: int = 1
+) -> nn.Module:
     from monai.networks import nets
 
     if arch.startswith("resnet"):
@@ -59,17 +65,19 @@ def _monai_cnn(arch: str, spatial_dims: int, in_channels: int, num_classes: int)
             spatial_dims=spatial_dims,
             n_input_channels=in_channels,
             num_classes=num_classes,
-            # small inputs (28..128 px): a stride-1 3x3 stem keeps resolution that a 7x7/2 + maxpool would lose
+            # small inputs (28..128 px): a 3x3 stem without max-pool keeps resolution that a 7x7/2 + max-pool
+            # would lose; stem_stride 2 trades some of it for 2^dims fewer FLOPs in every later layer
             conv1_t_size=3,
-            conv1_t_stride=1,
+            conv1_t_stride=stem_stride,
             no_max_pool=True,
+            widen_factor=width,
         )
     if arch == "densenet121":
         return nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes)
     raise ValueError(f"train.arch: unknown architecture {arch!r}")
 
 
-def _slice_rnn(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+def _slice_rnn(arch: str, in_channels: int, num_classes: int, width: float = 1.0, stem_stride: int = 1) -> nn.Module:
     import torch
     import torch.nn as nn
 
@@ -79,7 +87,7 @@ def _slice_rnn(arch: str, in_channels: int, num_classes: int) -> nn.Module:
 
         def __init__(self) -> None:
             super().__init__()
-            self.encoder = _monai_cnn(arch, 2, in_channels, 128)
+            self.encoder = _monai_cnn(arch, 2, in_channels, 128, width, stem_stride)
             self.gru = nn.GRU(128, 64, batch_first=True, bidirectional=True)
             self.head = nn.Linear(128, num_classes)
 
@@ -99,11 +107,13 @@ def build_model(spec: ModelSpec) -> nn.Module:
     Input: float32 tensor (B, C, H, W) or (B, C, D, H, W), intensities in [0, 1]. Output: logits (B, num_classes).
     """
     if spec.family == "cnn":
-        return _monai_cnn(spec.arch, spec.spatial_dims, spec.in_channels, spec.num_classes)
+        return _monai_cnn(
+            spec.arch, spec.spatial_dims, spec.in_channels, spec.num_classes, spec.width, spec.stem_stride
+        )
     if spec.family == "rnn":
         if spec.spatial_dims != 3:
             raise ValueError("train.family: rnn reads a volume as a slice sequence and needs 3D data")
-        return _slice_rnn(spec.arch, spec.in_channels, spec.num_classes)
+        return _slice_rnn(spec.arch, spec.in_channels, spec.num_classes, spec.width, spec.stem_stride)
     raise ValueError(f"train.family: {spec.family!r} is not a torch model family")
 
 

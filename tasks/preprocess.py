@@ -61,13 +61,16 @@ def intensity_spec(params: PreprocessParams, unit: str) -> dict[str, Any]:
     }
 
 
-def build_transforms(intensity: dict[str, Any], spatial_size: list[int] | None):
-    """The MONAI dictionary transform chain applied to each ``{"image": path}`` item."""
+def build_transforms(intensity: dict[str, Any], spatial_size: list[int] | None, channels: int = 1):
+    """The MONAI dictionary transform chain applied to each ``{"image": path}`` item.
+
+    ``channels`` > 1: the stored arrays are channel-first already (ingest's manifest column ``channels``).
+    """
     from monai import transforms as mt
 
     chain = [
         mt.LoadImaged(keys="image", reader="NumpyReader", image_only=True),
-        mt.EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
+        mt.EnsureChannelFirstd(keys="image", channel_dim=0 if channels > 1 else "no_channel"),
         mt.ScaleIntensityRanged(
             keys="image", a_min=intensity["a_min"], a_max=intensity["a_max"], b_min=0.0, b_max=1.0, clip=True
         ),
@@ -91,6 +94,17 @@ def _spatial_size(params: PreprocessParams, sample_ndim: int, source: Path) -> l
     return size
 
 
+def class_names_of(params: Params, inputs: Path) -> list[str]:
+    """``base.class_names``, or (null there) the names ingest derived from the data (its summary.json)."""
+    if params.base.class_names:
+        return list(params.base.class_names)
+    path = inputs / "summary.json"
+    names = json.loads(path.read_text()).get("class_names") if path.exists() else None
+    if not names:
+        raise ValueError(f"base.class_names is null and {path} names no classes; give base.class_names")
+    return list(names)
+
+
 def run(params: Params, inputs: Path, output: Path) -> PreprocessResult:
     """Preprocess every manifest row into per-split cached arrays.
 
@@ -103,10 +117,12 @@ def run(params: Params, inputs: Path, output: Path) -> PreprocessResult:
 
     rows = read_manifest(inputs / "manifest.csv")
     unit = rows[0].get("unit") or "HU"
+    channels = int(rows[0].get("channels") or 1)
     first = np.load(inputs / rows[0]["path"], mmap_mode="r")
-    spatial = _spatial_size(params.preprocess, first.ndim, inputs)
+    spatial = _spatial_size(params.preprocess, first.ndim - (channels > 1), inputs)
     intensity = intensity_spec(params.preprocess, unit)
-    transform = build_transforms(intensity, spatial)
+    transform = build_transforms(intensity, spatial, channels)
+    class_names = class_names_of(params, inputs)
     output.mkdir(parents=True, exist_ok=True)
 
     counts: dict[str, int] = {}
@@ -142,8 +158,8 @@ def run(params: Params, inputs: Path, output: Path) -> PreprocessResult:
         "spatial_dims": len(shape) - 1,
         "in_channels": shape[0],
         "input_shape": list(shape),
-        "num_classes": len(params.base.class_names),
-        "class_names": params.base.class_names,
+        "num_classes": len(class_names),
+        "class_names": class_names,
         "positive_class": params.base.positive_class,
         "spatial_size": list(shape[1:]),
         "intensity": intensity,

@@ -84,9 +84,53 @@ def git_commit() -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
-def start_run(experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
-    """Open a new run (and leave it RUNNING for the later stages); returns its id."""
+SWEEP_TAG = "medpipe.sweep"
+
+
+def sweep_parent(experiment: str, sweep: str, create: bool = True) -> str | None:
+    """The parent run of sweep ``sweep`` in ``experiment`` (created on first use); returns its id (None: absent).
+
+    Each run of a seed or model grid (``dvc exp run --queue -S base.sweep=NAME ...``, the MedMNIST benchmark) is
+    nested under it, so the MLflow UI shows the grid as one expandable row and compares its children.
+    """
     c = client()
+    exp = experiment_id(experiment)
+    found = c.search_runs([exp], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`medpipe.role` = 'sweep'",
+                          order_by=["attributes.start_time ASC"], max_results=1)
+    if found:
+        return found[0].info.run_id
+    if not create:
+        return None
+    return c.create_run(exp, run_name=sweep, tags={SWEEP_TAG: sweep, "medpipe.role": "sweep"}).info.run_id
+
+
+def end_sweep(experiment: str, sweep: str) -> None:
+    """Mark a sweep's parent run FINISHED (children keep their own status)."""
+    parent = sweep_parent(experiment, sweep, create=False)
+    if parent:
+        end_run(parent)
+
+
+def sweep_children(experiment: str, sweep: str) -> list[Any]:
+    """The finished runs nested under sweep ``sweep``, oldest first (``mlflow.entities.Run`` objects)."""
+    c = client()
+    parent = sweep_parent(experiment, sweep, create=False)
+    if parent is None:
+        return []
+    return c.search_runs(
+        [experiment_id(experiment)], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+        order_by=["attributes.start_time ASC"], max_results=5000,
+    )
+
+
+def start_run(
+    experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any], sweep: str | None = None
+) -> str:
+    """Open a new run (and leave it RUNNING for the later stages), nested under ``sweep``'s parent; returns its id."""
+    c = client()
+    tags = dict(tags)
+    if sweep:
+        tags.update({"mlflow.parentRunId": sweep_parent(experiment, sweep), SWEEP_TAG: sweep})
     run = c.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
     log_params(run.info.run_id, params)
     return run.info.run_id
@@ -154,6 +198,12 @@ def log_artifacts(run_id: str, paths: list[Path], artifact_path: str | None = No
             c.log_artifacts(run_id, str(p), artifact_path=f"{artifact_path}/{p.name}" if artifact_path else p.name)
         elif p.exists():
             c.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+
+def download_artifact(run_id: str, artifact_path: str, dest: Path) -> Path:
+    """Download one artifact of a run into ``dest`` (created); returns the local path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(client().download_artifacts(run_id, artifact_path, str(dest)))
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,9 @@ def test_bad_params_name_the_key(override, needle):
 
 def test_stage_cli_fails_before_work(tmp_path):
     bad = tmp_path / "params.yaml"
-    bad.write_text((REPO / "params.yaml").read_text().replace("epochs: 6", "epochs: -3"))
+    text, n = re.subn(r"(?m)^  epochs: \d+", "  epochs: -3", (REPO / "params.yaml").read_text())
+    assert n == 1
+    bad.write_text(text)
     out = subprocess.run(
         [sys.executable, "-m", "tasks.train", "--params", str(bad), "--input", str(tmp_path / "nothing"),
          "--output", str(tmp_path / "model")],

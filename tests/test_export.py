@@ -11,7 +11,7 @@ import pytest
 
 from tasks import coreml, export, tracking
 from tasks.config import Params, load_params
-from tasks.models import ModelSpec
+from tasks.models import ModelSpec, load_trained
 from tests._fake import make_preprocessed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def test_coreml_predict_matches_torch_on_macos(workdir: Path, exported: tuple[Pa
 
     model_dir, res = exported
     spec = ModelSpec.load(model_dir / "model.json")
-    model = export.with_softmax(export.load_torch_model(spec, model_dir))
+    model = export.with_softmax(load_trained(model_dir)[1])
     mlmodel = ct.models.MLModel(str(res.package), compute_units=ct.ComputeUnit.CPU_ONLY)
     x = np.load(workdir / "pre/test_x.npy").astype(np.float32)[:4]
     pixels = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)  # the 8-bit rendering a device would pass

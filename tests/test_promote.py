@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tasks import export, promote, tracking
-from tasks.models import ModelSpec
+from tasks.models import ModelSpec, load_trained
 from tests._fake import make_preprocessed
 from tests.test_export import make_trained, tiny_params
 
@@ -66,7 +66,7 @@ def test_champion_then_challenger_then_new_champion_and_serving(workdir: Path) -
     out = model.predict(x)
     assert list(out.columns) == ["prob_normal", "prob_lesion", "label"] and len(out) == len(x)
     spec = ModelSpec.load(workdir / "v1/model/model.json")  # the export all versions share
-    want = export.predict_torch(export.with_softmax(export.load_torch_model(spec, workdir / "v1/model")), x)
+    want = export.predict_torch(export.with_softmax(load_trained(workdir / "v1/model")[1]), x)
     assert np.abs(out[["prob_normal", "prob_lesion"]].to_numpy() - want).max() < 1e-4
     assert list(out["label"]) == [spec.class_names[i] for i in want.argmax(1)]
     # MLflow's DataFrame form for a tensor signature: one column, each cell a flattened sample

@@ -106,3 +106,39 @@ def test_killed_training_resumes_from_checkpoint(workdir):
     from mlflow.tracking import MlflowClient
 
     assert len(MlflowClient().get_metric_history(res.run_id, "val_auc")) == epochs, "one run across the interruption"
+
+
+@pytest.mark.parametrize("family", ["cnn", "rnn"])
+def test_3d_families_train_and_evaluate(workdir, family):
+    from tasks import evaluate
+
+    make_preprocessed(workdir / "pre3d", n=(12, 6, 8), size=12, spatial_dims=3)
+    p = tiny(**{"train.family": family, "train.epochs": 1, "train.width": 0.25, "train.stem_stride": 2,
+                "train.ema": 0.9, "evaluate.bootstrap": 20})
+    res = train.run(p, workdir / "pre3d", workdir / "m3", workdir / "c3", workdir / "h3.csv", None)
+    assert (res.spec.family, res.spec.spatial_dims, res.spec.width, res.spec.stem_stride) == (family, 3, 0.25, 2)
+    ev = evaluate.run(p, workdir / "m3", workdir / "pre3d", workdir / "ev3")
+    assert ev.n_test == 8 and 0.0 <= ev.metrics["test_auc"] <= 1.0
+
+
+def test_same_seed_same_test_metrics_on_cpu(workdir):
+    from tasks import evaluate
+
+    metrics = []
+    for name in ("a", "b"):
+        p = tiny(**{"train.epochs": 1, "evaluate.bootstrap": 50})
+        _run(p, workdir, name)
+        metrics.append(evaluate.run(p, workdir / name, workdir / "pre", workdir / f"ev-{name}").metrics)
+    assert metrics[0] == metrics[1]
+
+
+def test_sweep_runs_nest_under_one_parent(workdir):
+    from tasks import tracking
+
+    runs = [_run(tiny(**{"base.sweep": "grid-1", "base.seed": s, "train.epochs": 1}), workdir, f"s{s}") for s in (1, 2)]
+    parent = tracking.sweep_parent("medpipe", "grid-1", create=False)
+    assert parent is not None
+    children = tracking.sweep_children("medpipe", "grid-1")
+    assert [c.info.run_id for c in children] == [r.run_id for r in runs]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent}
+    assert tracking.sweep_children("medpipe", "no-such-sweep") == []

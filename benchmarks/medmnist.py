@@ -1,0 +1,276 @@
+"""MedMNIST benchmark: the pipeline's own stages on a MedMNIST set for N seeds, beside the MedMNIST v2 table.
+
+    python benchmarks/medmnist.py --dataset adrenalmnist3d --size 28 --seeds 0 1 2 --out bench.json
+    python benchmarks/medmnist.py --data ../shared/data/medmnist/adrenalmnist3d_64.npz --size 64
+
+The recipe is ``benchmarks/recipe.yaml``: params.yaml overrides that are the same for every MedMNIST set (2D or 3D;
+channels and classes come from the data). ingest and preprocess run once; train and evaluate run per seed, each
+seed an MLflow run nested under one parent run for the sweep (``base.sweep``), so the MLflow UI compares them and
+``python -m tasks.report --sweep NAME`` regenerates the results table from the tracked runs. Model and threshold
+selection see the validation split only; the test split is evaluated once per seed.
+
+Printed: per seed test AUC / ACC with bootstrap 95% CIs (each MedMNIST image is its own "patient": the sets
+publish no patient ids), train minutes and samples/s, a bare PyTorch loop's samples/s on the same model and
+tensors (the ratio is the pipeline's overhead); then mean +- sd over seeds beside every published row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tasks.config import Params, load_params  # noqa: E402
+from tasks.paper import paper_rows  # noqa: E402
+
+RECIPE = Path(__file__).with_name("recipe.yaml")
+
+
+def recipe_overrides(path: Path = RECIPE) -> dict[str, Any]:
+    """The recipe as dotted params overrides (``{"train.epochs": 60, ...}``)."""
+    from tasks.tracking import flatten
+
+    return flatten(yaml.safe_load(path.read_text()) or {})
+
+
+def bare_loop_samples_per_s(
+    params: Params, data_dir: Path, steps: int = 100, warmup: int = 3, recipe_work: bool = False
+) -> float:
+    """Training samples/s of a bare PyTorch loop: the same model, optimiser, batch size and cached tensors, with
+    nothing else (no augmentation, EMA, progress bar, metrics, checkpoints or tracking). ``recipe_work``: also the
+    recipe's batched augmentation and EMA update, so that the pipeline's own plumbing is what remains."""
+    import numpy as np
+    import torch
+
+    from tasks.models import ModelSpec, build_model
+    from tasks.train import configure_torch
+
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tp = params.train
+    spec = ModelSpec(tp.family, tp.arch, meta["spatial_dims"], meta["in_channels"], meta["num_classes"],
+                     tuple(meta["input_shape"]), tuple(meta["class_names"]), tp.width, tp.stem_stride)
+    device = configure_torch(params)
+    x = torch.from_numpy(np.load(data_dir / "train_x.npy")).float()
+    y = torch.from_numpy(np.load(data_dir / "train_y.npy"))
+    model = build_model(spec).to(device).train()
+    fmt = torch.channels_last_3d if spec.spatial_dims == 3 and spec.family == "cnn" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(0)
+    bs = min(tp.batch_size, len(y))
+    ema = None
+    if recipe_work and tp.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True)
+    from tasks.augment import augment_batch
+    seen, t0 = 0, 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            t0, seen = time.perf_counter(), 0
+        idx = torch.randint(0, len(y), (bs,), generator=gen)
+        xb = augment_batch(x[idx], gen) if recipe_work and tp.augment else x[idx]
+        xb, yb = xb.to(device).contiguous(memory_format=fmt), y[idx].to(device)
+        loss = loss_fn(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        seen += bs
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
+def step_breakdown_ms(params: Params, data_dir: Path, steps: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Where a training step's time goes, in ms per step: batch gather + augmentation (``data``), ``forward``,
+    ``backward``, ``optimizer`` (AdamW + EMA update), on the pipeline's own model, tensors and augmentation."""
+    import numpy as np
+    import torch
+
+    from tasks.augment import augment_batch
+    from tasks.models import ModelSpec, build_model
+    from tasks.train import configure_torch
+
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tp = params.train
+    spec = ModelSpec(tp.family, tp.arch, meta["spatial_dims"], meta["in_channels"], meta["num_classes"],
+                     tuple(meta["input_shape"]), tuple(meta["class_names"]), tp.width, tp.stem_stride)
+    device = configure_torch(params)
+    x = torch.from_numpy(np.load(data_dir / "train_x.npy")).float()
+    y = torch.from_numpy(np.load(data_dir / "train_y.npy"))
+    fmt = torch.channels_last_3d if spec.spatial_dims == 3 and spec.family == "cnn" else torch.contiguous_format
+    model = build_model(spec).to(device).to(memory_format=fmt).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    ema = None
+    if tp.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(0)
+    totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        idx = torch.randint(0, len(y), (min(tp.batch_size, len(y)),), generator=gen)
+        xb = x[idx]
+        if tp.augment:
+            xb = augment_batch(xb, gen)
+        xb, yb = xb.to(device).contiguous(memory_format=fmt), y[idx].to(device)
+        t1 = time.perf_counter()
+        loss = loss_fn(model(xb), yb)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t3 = time.perf_counter()
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        t4 = time.perf_counter()
+        if step >= warmup:
+            for k, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                totals[k] += dt
+    return {k: 1000 * v / steps for k, v in totals.items()}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks import evaluate, ingest, preprocess, train
+
+    flag = args.dataset.lower()
+    recipe = {**recipe_overrides(args.recipe), **dict(kv.split("=", 1) for kv in args.set)}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    sweep = args.sweep or f"{flag}-{args.size}-recipe-{digest}"  # a changed recipe is a new sweep
+    base = {
+        **recipe, "base.dataset": f"{flag}_{args.size}", "base.sweep": sweep,
+        "base.experiment": args.experiment, "ingest.source": "medmnist", "ingest.labels_csv": None,
+        "ingest.medmnist_name": flag, "ingest.medmnist_size": args.size, "ingest.medmnist_path": args.data,
+    }
+    work = Path(args.work or REPO / "benchmarks/runs" / f"{flag}_{args.size}")
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(REPO)  # the MLflow store (mlflow/) is the project's unless MLFLOW_TRACKING_URI says otherwise
+    params = load_params(REPO / "params.yaml", {**base, "base.seed": args.seeds[0]})
+    t = time.perf_counter()
+    ing = ingest.run(params, work / "ingested", progress=True)
+    pre = preprocess.run(params, work / "ingested", work / "preprocessed")
+    prep_s = time.perf_counter() - t
+    print(f"{flag} {args.size}: {pre.meta['input_shape']} x {pre.counts} ({ing.summary['source']} "
+          f"{ing.summary['input']}), ingest + preprocess {prep_s:.0f} s", flush=True)
+
+    rows = []
+    for seed in args.seeds:
+        p = load_params(REPO / "params.yaml", {**base, "base.seed": seed})
+        out = work / f"seed{seed}"
+        t = time.perf_counter()
+        tr = train.run(p, work / "preprocessed", out / "model", out / "ckpt", out / "history.csv",
+                       work / "ingested/summary.json")
+        train_s = time.perf_counter() - t
+        ev = evaluate.run(p, out / "model", work / "preprocessed", out / "evaluate")
+        bare = bare_loop_samples_per_s(p, work / "preprocessed", steps=args.bare_steps)
+        bare_recipe = bare_loop_samples_per_s(p, work / "preprocessed", steps=args.bare_steps, recipe_work=True)
+        sps = statistics.fmean(h["samples_per_s"] for h in tr.history)
+        m = ev.metrics
+        row = {
+            "seed": seed, "run_id": tr.run_id, "best_epoch": tr.best_epoch,
+            "auc": m["test_auc"], "auc_ci": [m["test_auc_ci_low"], m["test_auc_ci_high"]],
+            "acc": m["test_accuracy"], "acc_ci": [m["test_accuracy_ci_low"], m["test_accuracy_ci_high"]],
+            "threshold": m["test_threshold"], "val_auc": tr.val_metrics.get("val_auc"),
+            "minutes": train_s / 60, "samples_per_s": sps, "bare_loop_samples_per_s": bare,
+            "bare_loop_with_augment_ema_samples_per_s": bare_recipe,
+        }
+        rows.append(row)
+        print(f"seed {seed}: test AUC {row['auc']:.3f} [{row['auc_ci'][0]:.3f}, {row['auc_ci'][1]:.3f}]  "
+              f"ACC {row['acc']:.3f} [{row['acc_ci'][0]:.3f}, {row['acc_ci'][1]:.3f}]  "
+              f"{row['minutes']:.1f} min, {sps:.0f} samples/s (bare loop {bare:.0f}, ratio {sps / bare:.2f}; "
+              f"with augmentation + EMA {bare_recipe:.0f}, ratio {sps / bare_recipe:.2f})",
+              flush=True)
+    from tasks import tracking
+
+    tracking.end_sweep(args.experiment, sweep)
+    breakdown = step_breakdown_ms(params, work / "preprocessed")
+    auc_m, auc_sd = mean_sd([r["auc"] for r in rows])
+    acc_m, acc_sd = mean_sd([r["acc"] for r in rows])
+    return {
+        "dataset": flag, "size": args.size, "seeds": list(args.seeds), "sweep": sweep, "experiment": args.experiment,
+        "auc_mean": auc_m, "auc_sd": auc_sd, "acc_mean": acc_m, "acc_sd": acc_sd,
+        "minutes_per_seed": statistics.fmean(r["minutes"] for r in rows),
+        "samples_per_s": statistics.fmean(r["samples_per_s"] for r in rows),
+        "bare_loop_samples_per_s": statistics.fmean(r["bare_loop_samples_per_s"] for r in rows),
+        "bare_loop_with_augment_ema_samples_per_s": statistics.fmean(
+            r["bare_loop_with_augment_ema_samples_per_s"] for r in rows),
+        "threads": params.train.num_threads or os.cpu_count(), "step_breakdown_ms": breakdown,
+        "batch_size": params.train.batch_size, "recipe": base, "per_seed": rows,
+    }
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The printed comparison: ours (mean +- sd, per-seed CIs) beside every published row for the set."""
+    lines = [f"{res['dataset']} ({res['size']}), {len(res['seeds'])} seeds {res['seeds']}",
+             f"{'method':<28}{'test AUC':>18}{'test ACC':>18}"]
+    lines.append(f"{'medpipe (this recipe)':<28}{res['auc_mean']:>10.3f} ± {res['auc_sd']:.3f}"
+                 f"{res['acc_mean']:>11.3f} ± {res['acc_sd']:.3f}")
+    for r in res["per_seed"]:
+        lines.append(f"{'  seed ' + str(r['seed']) + ' (95% CI)':<28}"
+                     f"{r['auc']:>7.3f} [{r['auc_ci'][0]:.3f},{r['auc_ci'][1]:.3f}]"
+                     f"{r['acc']:>7.3f} [{r['acc_ci'][0]:.3f},{r['acc_ci'][1]:.3f}]")
+    for method, auc, acc in paper_rows(res["dataset"]):
+        lines.append(f"{method:<28}{auc:>10.3f}{'':>8}{acc:>11.3f}")
+    ratio = res["samples_per_s"] / res["bare_loop_samples_per_s"]
+    b = res["step_breakdown_ms"]
+    total = sum(b.values())
+    lines.append(f"one training step (batch {res['batch_size']}): " + ", ".join(
+        f"{k} {v:.0f} ms ({v / total:.0%})" for k, v in b.items()))
+    lines.append(f"tracked as sweep {res['sweep']}: python -m tasks.report --experiment {res['experiment']} "
+                 f"--sweep {res['sweep']}")
+    lines.append(f"train: {res['minutes_per_seed']:.1f} min/seed on {res['threads']} threads, "
+                 f"{res['samples_per_s']:.0f} samples/s; bare PyTorch loop {res['bare_loop_samples_per_s']:.0f} "
+                 f"samples/s; pipeline/bare {ratio:.2f}; bare loop with the same augmentation + EMA "
+                 f"{res['bare_loop_with_augment_ema_samples_per_s']:.0f} samples/s, pipeline/that "
+                 f"{res['samples_per_s'] / res['bare_loop_with_augment_ema_samples_per_s']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="adrenalmnist3d", help="MedMNIST flag, e.g. adrenalmnist3d, pneumoniamnist")
+    ap.add_argument("--size", type=int, default=28, choices=[28, 64, 128, 224])
+    ap.add_argument("--data", default=None, help="the .npz (default: $MEDMNIST_ROOT/<official name>)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--recipe", type=Path, default=RECIPE)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params override")
+    ap.add_argument("--sweep", default=None, help="MLflow parent run (default <dataset>-<size>-recipe-<hash>)")
+    ap.add_argument("--experiment", default="medmnist-benchmark")
+    ap.add_argument("--work", default=None, help="working folder (default benchmarks/runs/<dataset>_<size>)")
+    ap.add_argument("--bare-steps", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    args = ap.parse_args(argv)
+    if args.data is None and not os.environ.get("MEDMNIST_ROOT"):
+        shared = REPO.parent / "shared/data/medmnist"
+        if shared.is_dir():
+            os.environ["MEDMNIST_ROOT"] = str(shared)
+    res = run_benchmark(args)
+    print()
+    print(format_table(res))
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"figures -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
