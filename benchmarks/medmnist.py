@@ -44,60 +44,19 @@ def recipe_overrides(path: Path = RECIPE) -> dict[str, Any]:
     return flatten(yaml.safe_load(path.read_text()) or {})
 
 
-def bare_loop_samples_per_s(
+def timed_steps(
     params: Params, data_dir: Path, steps: int = 100, warmup: int = 3, recipe_work: bool = False
-) -> float:
-    """Training samples/s of a bare PyTorch loop: the same model, optimiser, batch size and cached tensors, with
-    nothing else (no augmentation, EMA, progress bar, metrics, checkpoints or tracking). ``recipe_work``: also the
-    recipe's batched augmentation and EMA update, so that the pipeline's own plumbing is what remains."""
-    import numpy as np
-    import torch
+) -> dict[str, Any]:
+    """A bare PyTorch training loop on the same model, optimiser, batch size and cached tensors as the pipeline,
+    timed per phase.
 
-    from tasks.models import ModelSpec, build_model
-    from tasks.train import configure_torch
+    With ``recipe_work`` False it does nothing but gather, forward, backward and step (no augmentation, EMA,
+    progress bar, metrics, checkpoints or tracking); with True it also runs the recipe's batched augmentation and
+    EMA update, so that what the pipeline adds beyond it is its own plumbing.
 
-    meta = json.loads((data_dir / "meta.json").read_text())
-    tp = params.train
-    spec = ModelSpec(tp.family, tp.arch, meta["spatial_dims"], meta["in_channels"], meta["num_classes"],
-                     tuple(meta["input_shape"]), tuple(meta["class_names"]), tp.width, tp.stem_stride)
-    device = configure_torch(params)
-    x = torch.from_numpy(np.load(data_dir / "train_x.npy")).float()
-    y = torch.from_numpy(np.load(data_dir / "train_y.npy"))
-    model = build_model(spec).to(device).train()
-    fmt = torch.channels_last_3d if spec.spatial_dims == 3 and spec.family == "cnn" else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(0)
-    bs = min(tp.batch_size, len(y))
-    ema = None
-    if recipe_work and tp.ema > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True)
-    from tasks.augment import augment_batch
-    seen, t0 = 0, 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            t0, seen = time.perf_counter(), 0
-        idx = torch.randint(0, len(y), (bs,), generator=gen)
-        xb = augment_batch(x[idx], gen) if recipe_work and tp.augment else x[idx]
-        xb, yb = xb.to(device).contiguous(memory_format=fmt), y[idx].to(device)
-        loss = loss_fn(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        seen += bs
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - t0)
-
-
-def step_breakdown_ms(params: Params, data_dir: Path, steps: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Where a training step's time goes, in ms per step: batch gather + augmentation (``data``), ``forward``,
-    ``backward``, ``optimizer`` (AdamW + EMA update), on the pipeline's own model, tensors and augmentation."""
+    Returns:
+        ``{"samples_per_s": float, "ms": {"data", "forward", "backward", "optimizer"}}`` (ms per step).
+    """
     import numpy as np
     import torch
 
@@ -116,19 +75,18 @@ def step_breakdown_ms(params: Params, data_dir: Path, steps: int = 20, warmup: i
     model = build_model(spec).to(device).to(memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
     ema = None
-    if tp.ema > 0:
+    if recipe_work and tp.ema > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True)
     loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(0)
+    bs = min(tp.batch_size, len(y))
     totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        idx = torch.randint(0, len(y), (min(tp.batch_size, len(y)),), generator=gen)
-        xb = x[idx]
-        if tp.augment:
-            xb = augment_batch(xb, gen)
+        idx = torch.randint(0, len(y), (bs,), generator=gen)
+        xb = augment_batch(x[idx], gen) if recipe_work and tp.augment else x[idx]
         xb, yb = xb.to(device).contiguous(memory_format=fmt), y[idx].to(device)
         t1 = time.perf_counter()
         loss = loss_fn(model(xb), yb)
@@ -139,11 +97,13 @@ def step_breakdown_ms(params: Params, data_dir: Path, steps: int = 20, warmup: i
         opt.step()
         if ema is not None:
             ema.update_parameters(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t4 = time.perf_counter()
         if step >= warmup:
             for k, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 totals[k] += dt
-    return {k: 1000 * v / steps for k, v in totals.items()}
+    return {"samples_per_s": bs * steps / sum(totals.values()), "ms": {k: 1000 * v / steps for k, v in totals.items()}}
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -182,8 +142,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                        work / "ingested/summary.json")
         train_s = time.perf_counter() - t
         ev = evaluate.run(p, out / "model", work / "preprocessed", out / "evaluate")
-        bare = bare_loop_samples_per_s(p, work / "preprocessed", steps=args.bare_steps)
-        bare_recipe = bare_loop_samples_per_s(p, work / "preprocessed", steps=args.bare_steps, recipe_work=True)
+        bare = timed_steps(p, work / "preprocessed", steps=args.bare_steps)["samples_per_s"]
+        timed = timed_steps(p, work / "preprocessed", steps=args.bare_steps, recipe_work=True)
+        bare_recipe, breakdown = timed["samples_per_s"], timed["ms"]
         sps = statistics.fmean(h["samples_per_s"] for h in tr.history)
         m = ev.metrics
         row = {
@@ -192,7 +153,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "acc": m["test_accuracy"], "acc_ci": [m["test_accuracy_ci_low"], m["test_accuracy_ci_high"]],
             "threshold": m["test_threshold"], "val_auc": tr.val_metrics.get("val_auc"),
             "minutes": train_s / 60, "samples_per_s": sps, "bare_loop_samples_per_s": bare,
-            "bare_loop_with_augment_ema_samples_per_s": bare_recipe,
+            "bare_loop_with_augment_ema_samples_per_s": bare_recipe, "step_breakdown_ms": breakdown,
         }
         rows.append(row)
         print(f"seed {seed}: test AUC {row['auc']:.3f} [{row['auc_ci'][0]:.3f}, {row['auc_ci'][1]:.3f}]  "
@@ -203,7 +164,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from tasks import tracking
 
     tracking.end_sweep(args.experiment, sweep)
-    breakdown = step_breakdown_ms(params, work / "preprocessed")
     auc_m, auc_sd = mean_sd([r["auc"] for r in rows])
     acc_m, acc_sd = mean_sd([r["acc"] for r in rows])
     return {
@@ -214,7 +174,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "bare_loop_samples_per_s": statistics.fmean(r["bare_loop_samples_per_s"] for r in rows),
         "bare_loop_with_augment_ema_samples_per_s": statistics.fmean(
             r["bare_loop_with_augment_ema_samples_per_s"] for r in rows),
-        "threads": params.train.num_threads or os.cpu_count(), "step_breakdown_ms": breakdown,
+        "threads": params.train.num_threads or os.cpu_count(), "step_breakdown_ms": rows[-1]["step_breakdown_ms"],
         "batch_size": params.train.batch_size, "recipe": base, "per_seed": rows,
     }
 
