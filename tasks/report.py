@@ -43,13 +43,11 @@ class Group:
 
 
 def collect(experiment: str, sweep: str) -> list[Group]:
-    """Finished, evaluated child runs of the sweep, grouped by configuration, seeds ascending."""
+    """Evaluated child runs of the sweep, grouped by configuration, seeds ascending."""
     groups: dict[str, Group] = {}
     for run in tracking.sweep_children(experiment, sweep):
         m, p, tags = run.data.metrics, run.data.params, run.data.tags
-        if run.info.status != "FINISHED" and "test_auc" not in m:
-            continue
-        if "test_auc" not in m:
+        if "test_auc" not in m:  # not evaluated (still training, failed, or the sweep's parent)
             continue
         config = {k: v for k, v in sorted(p.items()) if k not in IGNORED_PARAMS and not k.startswith("data.")}
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
