@@ -51,10 +51,31 @@ class SynthParams(_Strict):
     seed: int = Field(7, ge=0)
 
 
+_PRIVATE_SAFELIST = r"^[^/\\]{1,64}/[0-9A-Fa-f]{3}[13579BDFbdf]/[0-9A-Fa-f]{2}$"
+
+
 class DeidParams(_Strict):
+    """PS3.15 Annex E basic profile options (tasks/dicom/profile.py)."""
+
     secret_env: str = "MEDPIPE_DEID_SECRET"
-    shift_dates: bool = True
+    shift_dates: bool = True  # Retain Longitudinal Temporal Information with Modified Dates; False: dates removed
     max_date_shift_days: int = Field(365, ge=1)
+    retain_device_identity: bool = False  # Retain Device Identity option (serial numbers, station names, ...)
+    clean_descriptors: bool = False  # Clean Descriptors option: keep descriptions holding no identifying value
+    # private elements kept (all others are removed), each "<private creator>/<group>/<element byte>", e.g.
+    # "SIEMENS CSA HEADER/0029/10" keeps (0029,xx10) of the block that creator reserved
+    keep_private: list[Annotated[str, Field(pattern=_PRIVATE_SAFELIST)]] = Field(default_factory=list)
+    write_dicom: bool = False  # also write the de-identified instances under <output>/dicom
+
+
+class SeriesParams(_Strict):
+    """Which series become images when a study holds several (tasks/series.py); the manifest says why."""
+
+    modalities: list[str] = Field(default_factory=list)  # e.g. [CT, MR]; empty: any
+    body_parts: list[str] = Field(default_factory=list)  # BodyPartExamined values, any case; empty: any
+    orientation: Literal["any", "axial", "coronal", "sagittal"] = "any"
+    min_slices: int = Field(1, ge=1)
+    max_gap_factor: float = Field(1.5, gt=1)  # a gap over this x the median slice step is a missing slice
 
 
 class IngestParams(_Strict):
@@ -69,6 +90,10 @@ class IngestParams(_Strict):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     deid: DeidParams = DeidParams()
+    series: SeriesParams = SeriesParams()
+    color: Literal["reject", "rgb"] = "reject"  # RGB/YBR/PALETTE COLOR: quarantine (grayscale task) or keep as RGB
+    voi: bool = False  # apply the file's VOI LUT / first window after the Modality LUT (display units, not HU)
+    multiframe: Literal["stack", "split"] = "stack"  # a multi-frame instance: one volume, or one image per frame
     workers: int = Field(2, ge=1)
 
     @model_validator(mode="after")

@@ -1,17 +1,7 @@
-"""DICOM in and out: the only module of medpipe that imports pydicom.
+"""Reading DICOM: one Part 10 file to a :class:`DicomImage` (pixels in modality units, geometry, flags).
 
-Reading (:func:`read_dicom`) turns one DICOM Part 10 file into a :class:`DicomImage`: float32 pixels after the
-Modality LUT (Hounsfield units for CT), the non-identifying geometry needed to stack a series, and the few
-identifying values (:class:`SourceIds`) that the caller must pseudonymise (:mod:`tasks.deid`) before anything
-is written. Every failure is a :class:`DicomError` with a short, stable reason code, so that a stage can
-quarantine the file and go on.
-
-Writing (:func:`write_ct_slice`) produces a valid CT Image Storage file (Explicit VR Little Endian, with file
-meta information); :mod:`tasks.synth` uses it to build the offline cohort.
-
-Scope today: native (uncompressed) and whatever pydicom's installed pixel plugins decode, grayscale only, the
-top-level Modality LUT. Issue 4 extends this module (transfer syntaxes via pylibjpeg/gdcm, per-frame functional
-groups of enhanced multi-frame objects) without changing its interface.
+Every failure is a :class:`DicomError` with a short, stable reason code, so that a stage can quarantine the file
+and go on.
 """
 
 from __future__ import annotations
@@ -36,7 +26,6 @@ REASONS = (
 
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 class DicomError(Exception):
@@ -100,6 +89,15 @@ class DicomImage:
         transfer_syntax: (0002,0010) TransferSyntaxUID.
         sop_class_uid: (0008,0016) SOPClassUID (a standard UID, not identifying).
         ids: identifying values, only for pseudonymisation.
+        frame_positions: per-frame ImagePositionPatient of an enhanced multi-frame object (per-frame functional
+            groups), one (x, y, z) in mm per frame; None for single-frame objects or without per-frame geometry.
+            ``image_orientation``/``pixel_spacing``/``slice_thickness`` then come from the shared (or first
+            per-frame) functional groups.
+        body_part: (0018,0015) BodyPartExamined, upper case, "" when absent.
+        gantry_tilt: (0018,1120) GantryDetectorTilt in degrees, 0.0 when absent.
+        burned_in_annotation: (0028,0301) BurnedInAnnotation as stored ("YES", "NO" or "" when absent).
+        has_overlay: the object carries an overlay plane (group 60xx OverlayData).
+        channels: 1 for grayscale; 3 for colour converted to RGB, then ``pixels`` has a trailing axis of 3.
     """
 
     pixels: np.ndarray
@@ -119,6 +117,12 @@ class DicomImage:
     transfer_syntax: str
     sop_class_uid: str
     ids: SourceIds
+    frame_positions: tuple[tuple[float, float, float], ...] | None = None
+    body_part: str = ""
+    gantry_tilt: float = 0.0
+    burned_in_annotation: str = ""
+    has_overlay: bool = False
+    channels: int = 1
 
 
 def is_dicom_keyword(keyword: str) -> bool:
@@ -285,104 +289,3 @@ def read_dicom(path: Path | str, label_key: str | None = None) -> DicomImage:
     )
 
 
-@dataclass(frozen=True)
-class CtSliceHeader:
-    """Everything :func:`write_ct_slice` puts in a CT slice besides the pixels (strings in DICOM formats).
-
-    Dates are DA ``YYYYMMDD``, times TM ``HHMMSS``, names PN ``FAMILY^GIVEN``; lengths in mm.
-    """
-
-    patient_name: str
-    patient_id: str
-    patient_birth_date: str
-    patient_sex: str
-    accession_number: str
-    institution_name: str
-    referring_physician_name: str
-    study_date: str
-    study_time: str
-    study_id: str
-    study_description: str
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    frame_of_reference_uid: str
-    series_number: int
-    instance_number: int
-    pixel_spacing: tuple[float, float]
-    slice_thickness: float
-    image_position: tuple[float, float, float]
-    image_orientation: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    window_center: float = 40.0
-    window_width: float = 400.0
-    rescale_intercept: float = -1024.0
-    rescale_slope: float = 1.0
-    manufacturer: str = "medpipe synthetic"
-    series_description: str = "AXIAL 1"
-
-
-def write_ct_slice(path: Path | str, stored: np.ndarray, header: CtSliceHeader) -> None:
-    """Write one CT Image Storage slice as DICOM Part 10, Explicit VR Little Endian.
-
-    Args:
-        path: output file; parent folders are created.
-        stored: int16 (H, W) stored values; HU = stored * rescale_slope + rescale_intercept.
-        header: patient/study/series/geometry attributes.
-    """
-    from pydicom import dcmwrite
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    if stored.dtype != np.int16 or stored.ndim != 2:
-        raise ValueError(f"stored must be int16 (H, W), got {stored.dtype} {stored.shape}")
-    h = header
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = h.sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = h.sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = h.study_date
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = h.study_time
-    ds.AccessionNumber = h.accession_number
-    ds.Modality = "CT"
-    ds.Manufacturer = h.manufacturer
-    ds.InstitutionName = h.institution_name
-    ds.ReferringPhysicianName = h.referring_physician_name
-    ds.StudyDescription = h.study_description
-    ds.SeriesDescription = h.series_description
-    ds.PatientName = h.patient_name
-    ds.PatientID = h.patient_id
-    ds.PatientBirthDate = h.patient_birth_date
-    ds.PatientSex = h.patient_sex
-    ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = f"{h.slice_thickness:.4g}"
-    ds.KVP = "120"
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = h.study_uid
-    ds.SeriesInstanceUID = h.series_uid
-    ds.StudyID = h.study_id
-    ds.SeriesNumber = h.series_number
-    ds.InstanceNumber = h.instance_number
-    ds.ImagePositionPatient = [f"{v:.4f}" for v in h.image_position]
-    ds.ImageOrientationPatient = [f"{v:g}" for v in h.image_orientation]
-    ds.FrameOfReferenceUID = h.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SliceLocation = f"{h.image_position[2]:.4f}"
-    ds.PixelSpacing = [f"{v:.6g}" for v in h.pixel_spacing]
-    ds.WindowCenter = f"{h.window_center:g}"
-    ds.WindowWidth = f"{h.window_width:g}"
-    ds.RescaleIntercept = f"{h.rescale_intercept:g}"
-    ds.RescaleSlope = f"{h.rescale_slope:g}"
-    ds.RescaleType = "HU"
-    # Rows, Columns, Bits*, PixelRepresentation, SamplesPerPixel, PhotometricInterpretation, PixelData
-    ds.set_pixel_data(stored, photometric_interpretation="MONOCHROME2", bits_stored=16, generate_instance_uid=False)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(path, ds, enforce_file_format=True)

@@ -1,0 +1,36 @@
+"""DICOM in and out: the only package of medpipe that imports pydicom (and only inside functions, so that
+importing it is cheap).
+
+* :mod:`tasks.dicom.read`: one file to a :class:`DicomImage`: pixels after the Modality LUT (HU for CT), colour
+  converted to RGB, the non-identifying geometry needed to build a volume (including the per-frame functional
+  groups of enhanced multi-frame objects), and the few identifying values (:class:`SourceIds`) that the caller
+  pseudonymises (:mod:`tasks.deid`) before anything is written. Failures are :class:`DicomError` with a stable
+  reason.
+* :mod:`tasks.dicom.profile`: the DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile applied
+  to a data set, with its options, and the audit counts per action.
+* :mod:`tasks.dicom.write`: the synthetic cohort's CT slices, and de-identified instances.
+"""
+
+from tasks.dicom.read import (
+    REASONS,
+    DicomError,
+    DicomImage,
+    SourceIds,
+    derive_uid,
+    is_dicom_keyword,
+    read_dicom,
+)
+from tasks.dicom.write import CT_IMAGE_STORAGE, CtSliceHeader, write_ct_slice
+
+__all__ = [
+    "CT_IMAGE_STORAGE",
+    "REASONS",
+    "CtSliceHeader",
+    "DicomError",
+    "DicomImage",
+    "SourceIds",
+    "derive_uid",
+    "is_dicom_keyword",
+    "read_dicom",
+    "write_ct_slice",
+]
