@@ -97,6 +97,15 @@ def _jpeg_syntax_on_garbage(path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def _set_photometric(value: str):
+    def damage(path: Path) -> None:
+        ds = pydicom.dcmread(path)
+        ds.PhotometricInterpretation = value
+        ds.save_as(path, enforce_file_format=True)
+
+    return damage
+
+
 CASES = [
     ("empty_file", lambda p: p.write_bytes(b"")),
     ("not_dicom", lambda p: p.write_text("PatientName,Accession\nDOE^JANE,ACC1\n")),
@@ -104,7 +113,8 @@ CASES = [
     ("truncated", lambda p: _truncate(p, 0.5)),
     ("truncated", lambda p: _truncate(p, 0.99)),
     ("no_pixel_data", _without_pixels),
-    ("unsupported_photometric", _rgb),
+    ("color_rejected", _rgb),
+    ("unsupported_photometric", _set_photometric("CMYK")),
     ("decode_failed", _jpeg_syntax_on_garbage),
 ]
 
@@ -138,7 +148,7 @@ def test_dicom_error_is_picklable_and_reasons_are_closed() -> None:
 @pytest.mark.parametrize(
     ("name", "reason"),
     [("CT_small.dcm", None), ("MR_small.dcm", None), ("rtplan.dcm", "no_pixel_data"),
-     ("SC_rgb.dcm", "unsupported_photometric")],
+     ("SC_rgb.dcm", "color_rejected"), ("liver.dcm", "not_an_image")],
 )  # fmt: skip
 def test_pydicom_test_files(name: str, reason: str | None) -> None:
     from pydicom.data import get_testdata_file

@@ -6,7 +6,10 @@ and go on.
 
 from __future__ import annotations
 
+import logging
 import warnings
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,21 @@ REASONS = (
     "no_pixel_data",  # a DICOM object without (7FE0,0010) Pixel Data (SR, presentation state, DICOMDIR, ...)
     "unsupported_photometric",  # not MONOCHROME1/MONOCHROME2 single-sample (RGB, YBR, PALETTE COLOR, ...)
     "decode_failed",  # pixel data present but could not be decoded (codec missing, corrupt, bad group 0028)
+    "not_an_image",  # pixel data that is not an image to learn from (SEG, RT Dose, raw data): by SOP class
+    "color_rejected",  # RGB / YBR / PALETTE COLOR while ingest.color is "reject" (a grayscale task)
 )
+
+# SOP classes whose pixel data is not an image (segmentations are labels, RT Dose a dose grid): the segmentation
+# task will read SEG as a label source, not as input images.
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation",
+    "1.2.840.10008.5.1.4.1.1.66.5": "Surface Segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",
+    "1.2.840.10008.5.1.4.1.1.66": "Raw Data",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+}
+_COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -98,6 +115,7 @@ class DicomImage:
         burned_in_annotation: (0028,0301) BurnedInAnnotation as stored ("YES", "NO" or "" when absent).
         has_overlay: the object carries an overlay plane (group 60xx OverlayData).
         channels: 1 for grayscale; 3 for colour converted to RGB, then ``pixels`` has a trailing axis of 3.
+        deid_counts: PS3.15 actions applied to the instance (:mod:`tasks.dicom.profile`), None if not applied.
     """
 
     pixels: np.ndarray
@@ -123,6 +141,7 @@ class DicomImage:
     burned_in_annotation: str = ""
     has_overlay: bool = False
     channels: int = 1
+    deid_counts: dict[str, int] | None = None
 
 
 def is_dicom_keyword(keyword: str) -> bool:
@@ -183,12 +202,96 @@ def _check_not_truncated(ds: Any) -> None:
         raise DicomError("truncated", f"element {last.tag} declares {length} bytes but the file holds {len(value)}")
 
 
-def _decode(ds: Any) -> np.ndarray:
-    """Stored values through the Modality LUT to float32, MONOCHROME1 inverted."""
-    from pydicom.pixels import apply_modality_lut
+def load_dataset(path: Path | str) -> Any:
+    """Read a file into a pydicom Dataset, validated as DICOM.
+
+    A file without the Part 10 preamble ("DICM" at byte 128) is re-read with ``force=True`` and accepted only if
+    it then holds DICOM image or SOP attributes; its transfer syntax is taken from how it parsed.
+
+    Raises:
+        DicomError: empty_file, unreadable, not_dicom or truncated.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    # pydicom's validation messages quote attribute values (a patient's name, an id): never let them reach a log
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise DicomError("empty_file", "the file has 0 bytes")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on invalid values; we judge the result instead
+            try:
+                ds = pydicom.dcmread(path, force=False)
+            except InvalidDicomError:
+                ds = _read_forced(path)
+    except DicomError:
+        raise
+    except OSError as exc:
+        raise DicomError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    except Exception as exc:  # struct.error, EOFError ... from a file cut inside its meta information
+        raise DicomError("truncated", f"while parsing: {type(exc).__name__}: {exc}"[:300]) from None
+    _check_not_truncated(ds)
+    return ds
+
+
+def _read_forced(path: Path) -> Any:
+    """A preamble-less file: parse with force, then insist on DICOM content (force parses anything)."""
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     try:
-        stored = ds.pixel_array
+        ds = pydicom.dcmread(path, force=True)
+        keys = set(ds.keys())
+    except Exception as exc:
+        raise DicomError("not_dicom", f"no DICOM preamble, and it does not parse ({type(exc).__name__})") from None
+    if not ({0x00080016, 0x00080060} & keys or {0x7FE00010, 0x00280010} <= keys):
+        raise DicomError("not_dicom", "no DICOM preamble and no SOP Class, Modality or image attributes")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+    return ds
+
+
+def _functional(ds: Any, frame: int, sequence: str, keyword: str) -> Any:
+    """An attribute of an enhanced object's functional groups: the frame's own, else the shared one."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups)
+        if items and len(items) > index:
+            inner = items[index].get(sequence)
+            if inner and keyword in inner[0]:
+                return inner[0].get(keyword)
+    return None
+
+
+def _frame_rescale(ds: Any, n_frames: int) -> list[tuple[float, float]] | None:
+    """Per-frame (slope, intercept) of an enhanced object's Pixel Value Transformation functional group.
+
+    pydicom's ``apply_modality_lut`` reads only the top-level Rescale attributes, which enhanced objects keep in
+    their functional groups instead; the rescale itself is the same linear map.
+    """
+    if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
+        return None
+    out = []
+    for f in range(n_frames):
+        slope = _functional(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
+        if slope is None and intercept is None:
+            return None
+        out.append((float(slope if slope not in (None, "") else 1.0), float(intercept or 0.0)))
+    return out
+
+
+def _decode(ds: Any, photometric: str, voi: bool) -> np.ndarray:
+    """Stored values to float32: colour to RGB (trailing axis 3), else the Modality LUT (per frame for enhanced
+    objects), then the VOI LUT / window when ``voi``, then MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    try:
+        stored = ds.pixel_array  # pydicom converts YBR_* to RGB
     except ValueError as exc:
         if "less than expected" in str(exc):
             raise DicomError("truncated", f"Pixel Data is shorter than Rows x Columns x Frames: {exc}") from None
@@ -196,96 +299,183 @@ def _decode(ds: Any) -> np.ndarray:
     except Exception as exc:  # codec missing, corrupt stream, bad group 0028: all are "cannot decode"
         raise DicomError("decode_failed", f"{type(exc).__name__}: {exc}"[:300]) from None
     try:
-        values = apply_modality_lut(stored, ds)
-        if ds.PhotometricInterpretation == "MONOCHROME1":
+        if photometric == "PALETTE COLOR":
+            return np.ascontiguousarray(apply_color_lut(stored, ds), dtype=np.float32)
+        if photometric in _COLOR:
+            return np.ascontiguousarray(stored, dtype=np.float32)
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        per_frame = _frame_rescale(ds, n_frames) if n_frames > 1 else None
+        if per_frame is not None:
+            values = stored.astype(np.float64).reshape(n_frames, *stored.shape[-2:])
+            for f, (slope, intercept) in enumerate(per_frame):
+                values[f] = values[f] * slope + intercept
+            values = values.reshape(stored.shape)
+        else:
+            values = apply_modality_lut(stored, ds)
+        if voi and (ds.get("VOILUTSequence") or ds.get("WindowCenter") is not None):
+            values = apply_voi_lut(values, ds)
+        if photometric == "MONOCHROME1":
             bits = int(ds.BitsStored)
             lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if ds.PixelRepresentation == 1 else (0, 2**bits - 1)
-            ends = apply_modality_lut(np.array([lo, hi]), ds).astype(np.float64)
+            ends = np.array([lo, hi], dtype=np.float64)
+            if per_frame is None:
+                ends = apply_modality_lut(ends, ds).astype(np.float64)
+            else:
+                ends = ends * per_frame[0][0] + per_frame[0][1]
             values = (ends.min() + ends.max()) - values.astype(np.float64)
     except Exception as exc:
-        raise DicomError("decode_failed", f"modality LUT: {type(exc).__name__}: {exc}"[:300]) from None
+        raise DicomError("decode_failed", f"modality/VOI LUT: {type(exc).__name__}: {exc}"[:300]) from None
     return np.ascontiguousarray(values, dtype=np.float32)
 
 
-def read_dicom(path: Path | str, label_key: str | None = None) -> DicomImage:
-    """Read and decode one DICOM file.
-
-    Args:
-        path: any file; non-DICOM files are rejected (pydicom ``force=False``).
-        label_key: DICOM keyword whose value keys the label table (e.g. "AccessionNumber"), or None.
-
-    Returns:
-        The decoded image: float32 pixels (H, W) or (F, H, W) in modality units (HU for CT), geometry in mm.
-
-    Raises:
-        DicomError: with a reason from :data:`REASONS`; no other exception escapes for a bad file.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise DicomError("empty_file", "the file has 0 bytes")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns on invalid values; we judge the result instead
-            ds = pydicom.dcmread(path, force=False)
-    except DicomError:
-        raise
-    except InvalidDicomError as exc:
-        raise DicomError("not_dicom", str(exc)[:300]) from None
-    except OSError as exc:
-        raise DicomError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
-    except Exception as exc:  # struct.error, EOFError ... from a file cut inside its meta information
-        raise DicomError("truncated", f"while parsing: {type(exc).__name__}: {exc}"[:300]) from None
-
-    _check_not_truncated(ds)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DicomError("no_pixel_data", f"no Pixel Data element (SOP class {ds.get('SOPClassUID', '?')})")
-    photometric = _text(ds.get("PhotometricInterpretation"))
-    samples = ds.get("SamplesPerPixel", 1)
-    if photometric not in _GRAYSCALE or samples != 1:
-        raise DicomError(
-            "unsupported_photometric",
-            f"PhotometricInterpretation {photometric or '<missing>'!r} with SamplesPerPixel {samples}; "
-            f"only {' / '.join(_GRAYSCALE)} is supported",
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pixels = _decode(ds)
-
-    modality = _text(ds.get("Modality")) or "OT"
-    spacing = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
+def source_ids(ds: Any, label_key: str | None) -> SourceIds:
+    """The identifying values a caller pseudonymises (read before de-identification)."""
     label_value = None
     if label_key:
         raw = ds.get(label_key)
         label_value = _text(raw) if raw is not None and _text(raw) != "" else None
-    number = ds.get("InstanceNumber")
-    return DicomImage(
-        pixels=pixels,
-        modality=modality,
-        unit="HU" if modality == "CT" else (_text(ds.get("RescaleType")) or "stored"),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        n_frames=int(ds.get("NumberOfFrames") or 1),
-        pixel_spacing=spacing,  # type: ignore[arg-type]
-        slice_thickness=_first_float(ds.get("SliceThickness")),
-        image_position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-        image_orientation=_floats(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
-        window_center=_first_float(ds.get("WindowCenter")),
-        window_width=_first_float(ds.get("WindowWidth")),
-        instance_number=int(number) if number not in (None, "") else None,
-        photometric=photometric,
-        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
-        ids=SourceIds(
-            patient_id=_text(ds.get("PatientID")),
-            study_uid=_text(ds.get("StudyInstanceUID")),
-            series_uid=_text(ds.get("SeriesInstanceUID")),
-            sop_uid=_text(ds.get("SOPInstanceUID")),
-            study_date=_text(ds.get("StudyDate")),
-            label_value=label_value,
-        ),
+    return SourceIds(
+        patient_id=_text(ds.get("PatientID")),
+        study_uid=_text(ds.get("StudyInstanceUID")),
+        series_uid=_text(ds.get("SeriesInstanceUID")),
+        sop_uid=_text(ds.get("SOPInstanceUID")),
+        study_date=_text(ds.get("StudyDate")),
+        label_value=label_value,
     )
 
 
+def check_usable(ds: Any, color: str = "reject") -> str:
+    """Judge a loaded data set before decoding; returns its PhotometricInterpretation.
+
+    Raises:
+        DicomError: no_pixel_data, not_an_image (by SOP class), color_rejected or unsupported_photometric.
+    """
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DicomError("no_pixel_data", f"no Pixel Data element (SOP class {sop_class or '?'})")
+    if sop_class in NON_IMAGE_SOP_CLASSES:
+        raise DicomError("not_an_image", f"{NON_IMAGE_SOP_CLASSES[sop_class]} object ({sop_class}): not an image")
+    photometric = _text(ds.get("PhotometricInterpretation"))
+    samples = ds.get("SamplesPerPixel", 1)
+    if photometric in _COLOR:
+        if color == "reject":
+            raise DicomError("color_rejected", f"{photometric} image; ingest.color is 'reject' (a grayscale task); "
+                                               "set ingest.color: rgb to convert it to RGB")
+        return photometric
+    if photometric not in _GRAYSCALE or samples != 1:
+        raise DicomError(
+            "unsupported_photometric",
+            f"PhotometricInterpretation {photometric or '<missing>'!r} with SamplesPerPixel {samples}; "
+            f"supported: {' / '.join(_GRAYSCALE + _COLOR)}",
+        )
+    return photometric
+
+
+def _geometry(ds: Any, n_frames: int) -> dict[str, Any]:
+    """Spacing, thickness, position and orientation; from the functional groups for enhanced objects."""
+    spacing = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
+    thickness = _first_float(ds.get("SliceThickness"))
+    position = _floats(ds.get("ImagePositionPatient"), 3)
+    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+    frame_positions = None
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        spacing = spacing or _floats(_functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        thickness = thickness or _first_float(_functional(ds, 0, "PixelMeasuresSequence", "SliceThickness"))
+        orients = {_floats(_functional(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+                   for f in range(n_frames)}
+        positions = [_floats(_functional(ds, f, "PlanePositionSequence", "ImagePositionPatient"), 3)
+                     for f in range(n_frames)]
+        if len(orients) == 1 and None not in orients:
+            orientation = orientation or next(iter(orients))
+            if n_frames > 1 and all(p is not None for p in positions):
+                frame_positions = tuple(positions)
+            position = position or positions[0]
+    return {"pixel_spacing": spacing, "slice_thickness": thickness, "image_position": position,
+            "image_orientation": orientation, "frame_positions": frame_positions}
+
+
+def read_dicom(
+    path: Path | str,
+    label_key: str | None = None,
+    *,
+    color: str = "reject",
+    voi: bool = False,
+    deidentify: Callable[[Any], Counter[str]] | None = None,
+    write_to: Path | None = None,
+) -> DicomImage:
+    """Read, judge, (de-identify) and decode one DICOM file.
+
+    Args:
+        path: any file; see :func:`load_dataset` for files without a preamble.
+        label_key: DICOM keyword whose value keys the label table (e.g. "AccessionNumber"), or None.
+        color: "reject" (colour images are quarantined: a grayscale task) or "rgb" (converted to RGB).
+        voi: apply the file's VOI LUT / first window after the Modality LUT (values become display units).
+        deidentify: applied to the data set after the identifying values are read and before anything else is
+            taken from it (``tasks.dicom.profile.deidentify`` bound to the project's pseudonymiser); its action
+            counts are returned in ``DicomImage.deid_counts``.
+        write_to: a file to write the de-identified instance to (Part 10), after it decoded; needs ``deidentify``.
+
+    Returns:
+        The decoded image: float32 pixels (H, W) or (F, H, W) in modality units (HU for CT), or with a trailing
+        RGB axis; geometry in mm; ``ids`` hold the original identifying values (memory only).
+
+    Raises:
+        DicomError: with a reason from :data:`REASONS`; no other exception escapes for a bad file.
+    """
+    ds = load_dataset(path)
+    photometric = check_usable(ds, color)
+    ids = source_ids(ds, label_key)
+    counts = None
+    if deidentify is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom's value warnings quote the original values
+                counts = dict(deidentify(ds))
+        except Exception as exc:  # a value the profile cannot handle: never write a half-cleaned object
+            raise DicomError("decode_failed", f"de-identification: {type(exc).__name__}: {exc}"[:300]) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pixels = _decode(ds, photometric, voi)
+    if write_to is not None:
+        if deidentify is None:
+            raise ValueError("write_to needs deidentify: only de-identified instances are written")
+        write_to.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.save_as(write_to, enforce_file_format=True)
+
+    modality = _text(ds.get("Modality")) or "OT"
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    number = ds.get("InstanceNumber")
+    colour = photometric in _COLOR
+    unit = "RGB" if colour else "display" if voi else "HU" if modality == "CT" else (
+        _text(ds.get("RescaleType")) or "stored")
+    return DicomImage(
+        pixels=pixels,
+        modality=modality,
+        unit=unit,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        n_frames=n_frames,
+        window_center=_first_float(ds.get("WindowCenter")),
+        window_width=_first_float(ds.get("WindowWidth")),
+        instance_number=_int_or_none(number),
+        photometric=photometric,
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        ids=ids,
+        body_part=_text(ds.get("BodyPartExamined")).upper(),
+        gantry_tilt=_first_float(ds.get("GantryDetectorTilt")) or 0.0,
+        burned_in_annotation=_text(ds.get("BurnedInAnnotation")).upper(),
+        has_overlay=any((int(t) >> 16) & 0xFF01 == 0x6000 and int(t) & 0xFFFF == 0x3000 for t in ds.keys()),
+        channels=3 if colour else 1,
+        deid_counts=counts,
+        **_geometry(ds, n_frames),
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
