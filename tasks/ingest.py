@@ -10,6 +10,8 @@ grouped by series and stacked along the slice normal, labelled from the label CS
     <output>/manifest.csv            one row per image, columns MANIFEST_COLUMNS (pseudonymous ids only)
     <output>/quarantine.csv          path (relative to the input folder), reason, detail
     <output>/summary.json            counts (found = used + quarantined), per split and label, secret source
+    <output>/deid_audit.json         PS3.15 actions applied (counts per action), images flagged for burned-in text
+    <output>/dicom/<series>/<sop>.dcm  the de-identified instances (only with ingest.deid.write_dicom)
 
 Nothing of the PS3.15 basic profile's identifying attributes reaches these files: ids are HMAC pseudonyms,
 the series UID is remapped, the study date is shifted per patient (or left empty), nothing else is copied.
@@ -36,15 +38,15 @@ from tasks.dicom import DicomError, DicomImage  # light: tasks.dicom imports pyd
 
 MANIFEST_COLUMNS = (
     "image_id", "patient_id", "study_id", "series_uid", "study_date", "label", "split", "path", "sha256",
-    "shape", "spacing", "modality", "unit", "n_instances", "channels",
+    "shape", "spacing", "modality", "unit", "n_instances", "channels", "selection",
 )  # fmt: skip
 QUARANTINE_COLUMNS = ("path", "reason", "detail")
 # Reasons decided here, beyond a single file's tasks.dicom.REASONS:
 INGEST_REASONS = (
     "duplicate_instance",  # a second file with a SOPInstanceUID already seen
-    "inconsistent_series",  # a series whose slices cannot be stacked (tasks.series.stack_series says why)
+    "series_not_selected",  # a valid series that ingest.series does not ask for (the detail says why)
     "no_label",  # a label CSV is given but has no row for the study's label-key value
-)
+)  # plus tasks.series.SERIES_REASONS: a series that cannot be one volume
 
 
 @dataclass
@@ -77,6 +79,7 @@ class ImageRecord:
     label: int | None = None
     split: str = ""
     channels: int = 1  # > 1: pixels are channel-first (C, *S)
+    selection: str = ""  # why the series was used (tasks.series.select_series)
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,13 @@ class IngestResult:
     summary: dict[str, Any]
 
 
-def _read_one(path: Path, label_key: str | None) -> DicomImage | DicomError:
+def _read_one(path: Path, label_key: str | None, color: str, voi: bool, deidentify: Any,
+              write_dir: Path | None) -> DicomImage | DicomError:  # fmt: skip
     """Worker: a DicomImage or the DicomError explaining why not (returned, so that pool.map keeps going)."""
     from tasks.dicom import read_dicom
 
     try:
-        return read_dicom(path, label_key)
+        return read_dicom(path, label_key, color=color, voi=voi, deidentify=deidentify, write_dir=write_dir)
     except DicomError as exc:
         return exc
     except Exception as exc:  # a bug or an unforeseen file: quarantine it, never crash the stage
@@ -102,13 +106,21 @@ def _read_one(path: Path, label_key: str | None) -> DicomImage | DicomError:
 
 
 def read_all(
-    files: list[Path], label_key: str | None, workers: int, progress: bool = True
+    files: list[Path], params: IngestParams, pseudo: Pseudonymizer, write_dir: Path | None, progress: bool = True
 ) -> list[DicomImage | DicomError]:
-    """Read ``files`` with ``workers`` processes; results (DicomImage | DicomError) in the order of ``files``."""
+    """Read, de-identify (PS3.15 basic profile) and decode ``files`` with ``params.workers`` processes.
+
+    Returns:
+        DicomImage | DicomError per file, in the order of ``files``.
+    """
     from tqdm import tqdm
 
-    read = partial(_read_one, label_key=label_key)
+    from tasks.dicom.profile import deidentify
+
+    read = partial(_read_one, label_key=params.label_key, color=params.color, voi=params.voi,
+                   deidentify=partial(deidentify, pseudo=pseudo, opts=params.deid), write_dir=write_dir)
     bar = partial(tqdm, total=len(files), desc="ingest: read", unit="file", disable=not progress)
+    workers = params.workers
     if workers <= 1 or len(files) < 2 * workers:
         return list(bar(map(read, files)))
     from concurrent.futures import ProcessPoolExecutor
@@ -117,29 +129,60 @@ def read_all(
         return list(bar(pool.map(read, files, chunksize=max(1, min(32, len(files) // (8 * workers))))))
 
 
+def _channel_first(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Colour (..., 3) to channel-first (3, ...), scaled to [0, 255] by its range (8, 16 or 32 bits)."""
+    if channels == 1:
+        return pixels
+    top = float(pixels.max(initial=0.0))
+    scale = 1.0 if top <= 255 else 257.0 if top <= 65535 else 16843009.0  # (2^b - 1) / 255
+    return np.moveaxis(pixels / scale, -1, 0).astype(np.float32)
+
+
+def _burned_in(im: DicomImage) -> str | None:
+    """Why an instance needs a look for text in its pixels before it is shared, or None."""
+    if im.burned_in_annotation == "YES":
+        return "BurnedInAnnotation YES"
+    if im.burned_in_annotation != "NO" and im.modality in _BURNED_IN_PRONE:
+        return f"BurnedInAnnotation absent for {im.modality}"
+    if im.has_overlay:
+        return "overlay plane present"
+    return None
+
+
+_BURNED_IN_PRONE = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "SM", "DOC", "XA", "RF", "DX", "CR", "MG", "IO"})
+
+
 def collect_dicom(
-    input_dir: Path, params: IngestParams, pseudo: Pseudonymizer, progress: bool = True
-) -> tuple[int, list[ImageRecord], list[tuple[str, str, str]], list[str]]:
-    """Read, de-identify and stack every file under ``input_dir``.
+    input_dir: Path, params: IngestParams, pseudo: Pseudonymizer, progress: bool = True, write_dir: Path | None = None
+) -> tuple[int, list[ImageRecord], list[tuple[str, str, str]], list[str], dict[str, Any]]:
+    """Read, de-identify, stack and select every file under ``input_dir``.
+
+    Args:
+        write_dir: where de-identified instances are written (``<series uid>/<sop uid>.dcm``), or None.
 
     Returns:
-        (files found, images, quarantine rows (relative path, reason, detail), warnings)
+        (files found, images, quarantine rows (relative path, reason, detail), warnings, audit), where the audit
+        holds the PS3.15 action counts and the images flagged for burned-in annotation review.
     """
-    from tasks.series import stack_series
+    from tasks.dicom.profile import PROFILE_TABLE, audit_counts
+    from tasks.series import SeriesError, select_series, stack_series
 
     files = sorted(p for p in input_dir.rglob("*") if p.is_file())
-    results = read_all(files, params.label_key, params.workers, progress)
+    results = read_all(files, params, pseudo, write_dir, progress)
     quarantine: list[tuple[str, str, str]] = []
     series: dict[str, list[Instance]] = defaultdict(list)
     seen_sop: dict[str, str] = {}
+    counts = []
     for path, res in zip(files, results, strict=True):
         rel = path.relative_to(input_dir).as_posix()
         if isinstance(res, DicomError):
             quarantine.append((rel, res.reason, res.detail))
             continue
+        counts.append(Counter(res.deid_counts or {}))
         ids = res.ids
         if ids.sop_uid and ids.sop_uid in seen_sop:
             quarantine.append((rel, "duplicate_instance", f"same SOPInstanceUID as {seen_sop[ids.sop_uid]}"))
+            _unwrite(write_dir, pseudo, ids)
             continue
         seen_sop[ids.sop_uid] = rel
         inst = Instance(
@@ -152,23 +195,64 @@ def collect_dicom(
         )
         series[inst.series_uid].append(inst)
 
-    images, warnings = [], []
+    images, warnings, flagged = [], [], []
     for uid, members in sorted(series.items()):
         image_id = "I" + pseudo.pseudonym("image", uid)
+        first = members[0]
         try:
-            pixels, spacing, warning = stack_series([m.image for m in members])
-        except ValueError as exc:
-            quarantine += [(m.rel, "inconsistent_series", f"series {image_id}: {exc}") for m in members]
+            pixels, spacing, warning = stack_series([m.image for m in members], params.series.max_gap_factor)
+        except SeriesError as exc:
+            reason, why = exc.reason, f"series {image_id}: {exc.detail}"
+        else:
+            n_slices = pixels.shape[0] if pixels.ndim == 3 + (first.image.channels == 3) else 1
+            used, why = select_series([m.image for m in members], n_slices, params.series)
+            reason = None if used else "series_not_selected"
+        if reason is not None:
+            quarantine += [(m.rel, reason, why if reason != "series_not_selected" else f"series {image_id}: {why}")
+                           for m in members]  # fmt: skip
+            for m in members:
+                _unwrite(write_dir, pseudo, m.image.ids)
             continue
         if warning:
             warnings.append(f"{image_id}: {warning}")
-        first = members[0]
-        images.append(ImageRecord(
-            image_id=image_id, patient_id=first.patient_id, study_id=first.study_id, series_uid=uid,
-            study_date=first.study_date, pixels=pixels, spacing=spacing, modality=first.image.modality,
-            unit=first.image.unit, files=[m.rel for m in members], label_value=first.image.ids.label_value,
-        ))  # fmt: skip
-    return len(files), images, quarantine, warnings
+        flags = sorted({f for m in members if (f := _burned_in(m.image))})
+        if flags:
+            flagged.append({"image_id": image_id, "files": len(members), "why": flags})
+        record = partial(
+            ImageRecord, patient_id=first.patient_id, study_id=first.study_id, series_uid=uid,
+            study_date=first.study_date, spacing=spacing, modality=first.image.modality,
+            unit="uint8" if first.image.channels == 3 else first.image.unit, files=[m.rel for m in members],
+            label_value=first.image.ids.label_value, channels=first.image.channels, selection=why,
+        )  # fmt: skip
+        frames = len(members) == 1 and first.image.n_frames > 1 and params.multiframe == "split"
+        if frames:  # one 2D image per frame of a multi-frame instance
+            for k in range(pixels.shape[0]):
+                images.append(record(image_id=f"{image_id}-f{k:04d}",
+                                     pixels=_channel_first(pixels[k], first.image.channels),
+                                     spacing=spacing and spacing[-2:]))  # fmt: skip
+        else:
+            images.append(record(image_id=image_id, pixels=_channel_first(pixels, first.image.channels)))
+    audit = {
+        "profile": f"DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile (table {PROFILE_TABLE})",
+        "options": {
+            "retain_longitudinal_modified_dates": params.deid.shift_dates,
+            "retain_device_identity": params.deid.retain_device_identity,
+            "clean_descriptors": params.deid.clean_descriptors,
+            "private_safelist": list(params.deid.keep_private),
+        },
+        "files_deidentified": len(counts),
+        "actions": audit_counts(counts),
+        "burned_in_review": flagged,
+        "secret": pseudo.secret_source,
+    }
+    return len(files), images, quarantine, warnings, audit
+
+
+def _unwrite(write_dir: Path | None, pseudo: Pseudonymizer, ids: Any) -> None:
+    """Remove the de-identified copy of an instance that ended in quarantine (it must not look used)."""
+    if write_dir is not None:
+        series = pseudo.uid(ids.series_uid) if ids.series_uid else "no-series"
+        (write_dir / series / f"{pseudo.uid(ids.sop_uid)}.dcm").unlink(missing_ok=True)
 
 
 def read_labels(path: Path, key: str, column: str, n_classes: int | None) -> dict[str, int]:
@@ -201,10 +285,11 @@ def read_labels(path: Path, key: str, column: str, n_classes: int | None) -> dic
 def _prepare_output(output: Path) -> None:
     if output.exists() and any(output.iterdir()) and not (output / "summary.json").exists():
         raise FileExistsError(f"{output} is not empty and holds no summary.json: not an ingest output; refusing")
-    if (output / "arrays").exists():
-        import shutil
+    import shutil
 
-        shutil.rmtree(output / "arrays")
+    for previous in ("arrays", "dicom"):
+        if (output / previous).exists():
+            shutil.rmtree(output / previous)
     (output / "arrays").mkdir(parents=True)
 
 
@@ -259,7 +344,9 @@ def run(
             raise FileNotFoundError(f"{input_dir}: input folder not found (ingest.dicom_dir or --input)")
         if not is_dicom_keyword(ip.label_key):
             raise ValueError(f"ingest.label_key: {ip.label_key!r} is not a DICOM keyword")
-        n_found, images, quarantine, warnings = collect_dicom(input_dir, ip, pseudo, progress)
+        _prepare_output(output)
+        write_dir = output / "dicom" if ip.deid.write_dicom else None
+        n_found, images, quarantine, warnings, audit = collect_dicom(input_dir, ip, pseudo, progress, write_dir)
     else:  # a MedMNIST .npz: already labelled, official splits kept
         from tasks import medmnist
 
@@ -269,7 +356,7 @@ def run(
             input_dir, n_found, images, warnings = medmnist.collect(ip, progress)
         except medmnist.MedMNISTError as exc:
             raise ValueError(str(exc)) from None
-        quarantine = []
+        quarantine, audit = [], None
         n_classes = params.base.class_names and len(params.base.class_names)
         if n_classes and max(im.label for im in images) >= n_classes:
             raise ValueError(f"base.class_names: {len(params.base.class_names)} names, but {input_dir} has labels up "
@@ -292,14 +379,22 @@ def run(
 
     if images and not all(im.split for im in images):  # a source with official splits has set them already
         labels = None if any(im.label is None for im in images) else [im.label for im in images]
-        splits = split_by_patient(
-            [im.patient_id for im in images], labels, ip.val_fraction, ip.test_fraction, params.base.seed
-        )
+        try:
+            splits = split_by_patient(
+                [im.patient_id for im in images], labels, ip.val_fraction, ip.test_fraction, params.base.seed
+            )
+        except ValueError as exc:
+            if labels is not None:
+                raise
+            # unlabelled (inference, curation): the manifest is still written, without a split
+            warnings.append(f"no train/val/test split: {exc}")
+            splits = [""] * len(images)
         for im, split in zip(images, splits, strict=True):
             im.split = str(split)
     check_patient_disjoint([im.patient_id for im in images], [im.split for im in images])
 
-    _prepare_output(output)
+    if ip.source != "dicom":
+        _prepare_output(output)
     rows = []
     from tqdm import tqdm
 
@@ -313,12 +408,14 @@ def run(
             im.image_id, im.patient_id, im.study_id, im.series_uid, im.study_date,
             "" if im.label is None else im.label, im.split, rel, hashlib.sha256(pixels.tobytes()).hexdigest(),
             json.dumps(list(pixels.shape)), json.dumps(im.spacing and [round(s, 6) for s in im.spacing]),
-            im.modality, im.unit, len(im.files), im.channels,
+            im.modality, im.unit, len(im.files), im.channels, im.selection,
         ))  # fmt: skip
     _write_csv(output / "manifest.csv", MANIFEST_COLUMNS, rows)
     quarantine.sort()
     _write_csv(output / "quarantine.csv", QUARANTINE_COLUMNS, quarantine)
 
+    if audit is not None:
+        (output / "deid_audit.json").write_text(json.dumps(audit, indent=2) + "\n")
     summary = summarise(n_found, images, quarantine, pseudo, warnings)
     labelled = [im.label for im in images if im.label is not None]
     summary.update(
@@ -338,7 +435,7 @@ def summarise(
     warnings: list[str],
 ) -> dict[str, Any]:  # fmt: skip
     """The counts of summary.json; raises RuntimeError if used + quarantined != files found."""
-    used = sum(len(im.files) for im in images)
+    used = len({f for im in images for f in im.files})  # a split multi-frame file backs several images
     if used + len(quarantine) != n_found:
         raise RuntimeError(f"ingest bookkeeping: {used} used + {len(quarantine)} quarantined != {n_found} found")
 
@@ -357,6 +454,7 @@ def summarise(
         "files_found": n_found,
         "used": used,
         "quarantined": len(quarantine),
+        "all_files_accounted": True,  # used + quarantined == files_found (checked above)
         "quarantined_by_reason": dict(sorted(Counter(r for _, r, _ in quarantine).items())),
         "series_built": len(images),
         "patients": len({im.patient_id for im in images}),

@@ -323,7 +323,9 @@ def run(
             params.base.experiment, f"{params.base.dataset}-{spec.family}-{spec.arch}-seed{params.base.seed}",
             _run_tags(params, spec), run_params, sweep=params.base.sweep,
         )
-        artifacts = [inputs / "meta.json"] + ([ingest_summary] if ingest_summary and ingest_summary.exists() else [])
+        artifacts = [inputs / "meta.json"]
+        if ingest_summary:  # the ingest summary and its PS3.15 de-identification audit (counts, no values)
+            artifacts += [f for f in (ingest_summary, ingest_summary.parent / "deid_audit.json") if f.exists()]
         tracking.log_artifacts(rid, artifacts, artifact_path="data")
         if ingest_summary and ingest_summary.exists():
             summary = json.loads(ingest_summary.read_text())

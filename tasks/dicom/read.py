@@ -214,8 +214,10 @@ def load_dataset(path: Path | str) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    # pydicom's validation messages quote attribute values (a patient's name, an id): never let them reach a log
+    # pydicom's validation messages quote attribute values (a patient's name, an id): never let them reach a log.
+    # Values are judged here instead (geometry parsing, the profile's actions).
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -401,7 +403,7 @@ def read_dicom(
     color: str = "reject",
     voi: bool = False,
     deidentify: Callable[[Any], Counter[str]] | None = None,
-    write_to: Path | None = None,
+    write_dir: Path | None = None,
 ) -> DicomImage:
     """Read, judge, (de-identify) and decode one DICOM file.
 
@@ -413,7 +415,8 @@ def read_dicom(
         deidentify: applied to the data set after the identifying values are read and before anything else is
             taken from it (``tasks.dicom.profile.deidentify`` bound to the project's pseudonymiser); its action
             counts are returned in ``DicomImage.deid_counts``.
-        write_to: a file to write the de-identified instance to (Part 10), after it decoded; needs ``deidentify``.
+        write_dir: a folder to write the de-identified instance to (Part 10), after it decoded, as
+            ``<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` with the remapped UIDs; needs ``deidentify``.
 
     Returns:
         The decoded image: float32 pixels (H, W) or (F, H, W) in modality units (HU for CT), or with a trailing
@@ -436,13 +439,18 @@ def read_dicom(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pixels = _decode(ds, photometric, voi)
-    if write_to is not None:
+    if write_dir is not None and ds.get("SOPInstanceUID"):
         if deidentify is None:
-            raise ValueError("write_to needs deidentify: only de-identified instances are written")
-        write_to.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds.save_as(write_to, enforce_file_format=True)
+            raise ValueError("write_dir needs deidentify: only de-identified instances are written")
+        target = Path(write_dir) / str(ds.get("SeriesInstanceUID") or "no-series") / f"{ds.SOPInstanceUID}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds.save_as(target, enforce_file_format=True)
+        except Exception as exc:  # an element the writer refuses: the copy is not made, the image is still used
+            target.unlink(missing_ok=True)
+            raise DicomError("decode_failed", f"writing the de-identified copy: {type(exc).__name__}"[:300]) from None
 
     modality = _text(ds.get("Modality")) or "OT"
     n_frames = int(ds.get("NumberOfFrames") or 1)
