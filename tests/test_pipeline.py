@@ -3,7 +3,10 @@ cohort in a copy of this repo; then `dvc repro` and the flow both find nothing t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,9 +19,18 @@ from tests._repo import copy_repo
 pytestmark = pytest.mark.slow
 
 
+LOGS: list[str] = []  # every log record and print of the first flow run, for the PHI scan
+
+
+class _Keep(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        LOGS.append(self.format(record))
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    return copy_repo(tmp_path_factory.mktemp("repo"))
+    # the de-identified DICOM copies are outputs too: write them, so that the PHI scan reads them
+    return copy_repo(tmp_path_factory.mktemp("repo"), {"ingest.deid.write_dicom": True})
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +46,18 @@ def first_run(repo, harness):
     from flows.pipeline import pipeline
 
     old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    handler = _Keep()
+    loggers = [logging.getLogger(n) for n in ("", "prefect", "prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    out, err = io.StringIO(), io.StringIO()
     try:
-        result = pipeline(repo=str(repo))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            result = pipeline(repo=str(repo))
     finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        LOGS.extend([out.getvalue(), err.getvalue()])
         if old is not None:
             os.environ["MLFLOW_TRACKING_URI"] = old
     return result
@@ -95,3 +116,62 @@ def test_second_flow_run_executes_no_stage(repo, first_run):
     assert result["stages"] == []
     assert "no stage was executed" in result["message"]
     assert result["registry"]["version"] == first_run["registry"]["version"]
+
+
+def _identifying_values(dicom_dir: Path) -> set[str]:
+    """Every value of a PS3.15 basic-profile attribute in the input cohort (PN components too), as text.
+
+    Times of day are left out (the temporal option keeps them), and so are values too short to be told from
+    chance matches in binary files (< 4 characters, or < 6 digits).
+    """
+    import pydicom
+
+    from tasks.dicom.profile import action_for
+
+    values: set[str] = set()
+    for f in dicom_dir.rglob("*.dcm"):
+        for elem in pydicom.dcmread(f).iterall():
+            if elem.tag.is_private or action_for(int(elem.tag)) is None or elem.VR in ("SQ", "TM", "OB", "OW", "UN"):
+                continue
+            raw = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
+            for v in raw:
+                text = str(v).strip()
+                for part in [text, *(text.split("^") if elem.VR == "PN" else [])]:
+                    if len(part) >= (6 if part.isdigit() else 4):
+                        values.add(part)
+    return values
+
+
+def test_no_identifying_value_of_the_cohort_reaches_any_output(repo, first_run):
+    """The PHI scan: manifest, arrays, quarantine, audit, de-identified DICOM, checkpoints, reports, the MLflow
+    store (params, tags, metrics, artifacts, registry) and the exported Core ML / ONNX models, plus every log line
+    and print of the run, hold none of the input cohort's identifying values."""
+    from tasks.config import load_params
+    from tasks.deid import Pseudonymizer
+
+    values = _identifying_values(repo / "data/synthetic/dicom")
+    assert len(values) > 100, "the cohort should carry names, ids, UIDs and dates to look for"
+    # a shifted date of one patient may equal an original date of another: that is de-identified output, not a leak
+    params = load_params(repo / "params.yaml")
+    pseudo = Pseudonymizer.from_params(params.ingest.deid)
+    import pydicom
+
+    shifted = set()
+    for f in (repo / "data/synthetic/dicom").rglob("*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        shifted |= {pseudo.shift_date(str(ds.get(k, "")), str(ds.PatientID)).replace("-", "")
+                    for k in ("StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate")}
+    values -= shifted
+    outputs = [p for d in ("data/ingested", "data/preprocessed", "models", "reports", "mlflow")
+               for p in (repo / d).rglob("*") if p.is_file()]  # fmt: skip
+    assert any(p.suffix == ".dcm" for p in outputs) and any(p.suffix == ".db" for p in outputs)
+    assert any(p.name == "model.onnx" for p in outputs) and any(".mlpackage" in str(p) for p in outputs)
+    hits = []
+    encoded = [(v, v.encode()) for v in values]
+    for p in outputs:
+        blob = p.read_bytes()
+        hits += [f"{p.relative_to(repo)}: {v}" for v, b in encoded if b in blob]
+    logs = "\n".join(LOGS)
+    assert "ingest" in logs and "train" in logs, "the run's logs were not captured"
+    hits += [f"logs: {v}" for v in values if v in logs]
+    assert not hits, f"{len(hits)} identifying values in the outputs: {hits[:10]}"

@@ -149,41 +149,53 @@ class _Engine:
             return self.pseudo.uid(str(value)) if str(value) else value
         return [self.pseudo.uid(str(v)) for v in value]
 
-    def _private_kept(self, ds: Any, elem: Any) -> bool:
-        if not self.keep_private or elem.tag.element < 0x1000:
+    def _private_kept(self, ds: Any, tag: int) -> bool:
+        group, element = tag >> 16, tag & 0xFFFF
+        if not self.keep_private or element < 0x1000:
             return False
-        creator = ds.get((elem.tag.group, elem.tag.element >> 8))
+        creator = ds.get((group, element >> 8))
         name = str(creator.value).strip() if creator is not None else ""
-        return (name, f"{elem.tag.group:04X}", f"{elem.tag.element & 0xFF:02X}") in self.keep_private
+        return (name, f"{group:04X}", f"{element & 0xFF:02X}") in self.keep_private
 
     def apply(self, ds: Any) -> None:
+        """Walk ``ds`` by tag; only elements with an action are converted from their raw bytes (speed)."""
+        from pydicom.datadict import dictionary_VR
+
         kept_creators: set[tuple[int, int]] = set()
-        for elem in list(ds):
-            tag = int(elem.tag)
-            if elem.tag.is_private:
-                if elem.tag.is_private_creator:
-                    continue  # decided after the block's elements
-                if self._private_kept(ds, elem):
-                    kept_creators.add((elem.tag.group, elem.tag.element >> 8))
+        creators = []
+        for tag in list(ds.keys()):
+            t = int(tag)
+            group, element = t >> 16, t & 0xFFFF
+            if group % 2:  # private
+                if 0x0010 <= element <= 0x00FF:
+                    creators.append(tag)  # decided after the block's elements
+                elif self._private_kept(ds, t):
+                    kept_creators.add((group, element >> 8))
                     self.counts["PK"] += 1
                 else:
-                    del ds[elem.tag]
+                    del ds[tag]
                     self.counts["P"] += 1
                 continue
-            self._public(ds, elem, tag)
-        for elem in list(ds):  # private creators of blocks with nothing kept
-            if elem.tag.is_private_creator and (elem.tag.group, elem.tag.element) not in kept_creators:
-                del ds[elem.tag]
+            action = action_for(t)
+            if action is None:
+                vr = ds.get_item(tag).VR
+                if vr is None:
+                    try:
+                        vr = dictionary_VR(t)
+                    except KeyError:
+                        vr = None
+                if vr == "SQ":
+                    for item in ds[tag].value or ():
+                        self.apply(item)
+                continue
+            self._public(ds, ds[tag], t, action)
+        for tag in creators:  # private creators of blocks with nothing kept
+            if (tag.group, tag.element) not in kept_creators:
+                del ds[tag]
                 self.counts["P"] += 1
 
-    def _public(self, ds: Any, elem: Any, tag: int) -> None:
-        action = action_for(tag)
+    def _public(self, ds: Any, elem: Any, tag: int, action: str) -> None:
         keyword = elem.keyword
-        if action is None:
-            if elem.VR == "SQ":
-                for item in elem.value or ():
-                    self.apply(item)
-            return
         if self.opts.retain_device_identity and keyword in DEVICE_IDENTITY:
             self.counts["K"] += 1
             return

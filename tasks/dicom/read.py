@@ -447,6 +447,8 @@ def read_dicom(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                for _ in ds.iterall():  # convert what the profile left raw: an implicit-VR raw element has no VR
+                    pass
                 ds.save_as(target, enforce_file_format=True)
         except Exception as exc:  # an element the writer refuses: the copy is not made, the image is still used
             target.unlink(missing_ok=True)

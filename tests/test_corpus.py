@@ -1,0 +1,171 @@
+"""Real-world DICOM: every file of the pydicom-data package and of pydicom's own test files through ingest's
+per-file path (read, judge, PS3.15 de-identification, decode, de-identified copy), one expected outcome per file.
+
+A file is either decoded (shape from its header, float32, finite, a plausible range for its unit, a de-identified
+copy that says so) or quarantined with the specific reason listed here. Zero crashes: an unexpected exception
+inside ingest's worker would show up as the reason "unreadable", which no file here expects.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import shutil
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from tasks import ingest
+from tasks.config import DeidParams
+from tasks.deid import Pseudonymizer
+from tasks.dicom import DicomError, DicomImage, read_dicom
+from tasks.dicom.profile import deidentify
+
+pytestmark = pytest.mark.slow
+
+
+def _roots() -> dict[str, Path | None]:
+    try:
+        import data_store
+    except ImportError:
+        data = None
+    else:
+        data = Path(data_store.__file__).parent / "data"
+    import pydicom.data
+
+    return {"pydicom-data": data, "pydicom": Path(pydicom.data.__file__).parent / "test_files"}
+
+
+ROOTS = _roots()
+
+# (corpus, glob on the path relative to the corpus root) -> reason; first match wins; anything else must decode
+QUARANTINED = [
+    ("pydicom-data", "emri_small_jpeg_2k_lossless_too_short.dcm", "truncated"),
+    ("pydicom-data", "liver*.dcm", "not_an_image"),  # Segmentation objects
+    ("pydicom", "*.txt", "not_dicom"),
+    ("pydicom", "*.json", "not_dicom"),
+    ("pydicom", "*.dump", "not_dicom"),
+    ("pydicom", "zipMR.gz", "not_dicom"),
+    ("pydicom", "crayons.icc", "not_dicom"),
+    ("pydicom", "no_meta.dcm", "not_dicom"),  # no preamble, and nothing of an image or SOP instance
+    ("pydicom", "dicomdirtests/TINY_ALPHA/README", "not_dicom"),
+    ("pydicom", "dicomdirtests/DICOMDIR*", "no_pixel_data"),  # DICOMDIRs
+    ("pydicom", "dicomdirtests/TINY_ALPHA/DICOMDIR", "no_pixel_data"),
+    ("pydicom", "dicomdirtests/TINY_ALPHA/PT000000/*", "no_pixel_data"),  # instances stripped of pixel data
+    ("pydicom", "ExplVR_*NoMeta.dcm", "no_pixel_data"),  # RT objects without a preamble (read with force)
+    ("pydicom", "UN_sequence.dcm", "no_pixel_data"),
+    ("pydicom", "empty_charset_LEI.dcm", "no_pixel_data"),
+    ("pydicom", "no_meta_group_length.dcm", "no_pixel_data"),
+    ("pydicom", "priv_SQ.dcm", "no_pixel_data"),
+    ("pydicom", "reportsi*.dcm", "no_pixel_data"),  # SR
+    ("pydicom", "test-SR.dcm", "no_pixel_data"),
+    ("pydicom", "rtplan.dcm", "no_pixel_data"),
+    ("pydicom", "rtstruct.dcm", "no_pixel_data"),
+    ("pydicom", "waveform_ecg.dcm", "no_pixel_data"),
+    ("pydicom", "rtplan_truncated.dcm", "truncated"),
+    ("pydicom", "MR_truncated.dcm", "truncated"),
+    ("pydicom", "badVR.dcm", "not_an_image"),  # RT Dose with a wrong VR
+    ("pydicom", "rtdose*.dcm", "not_an_image"),
+    ("pydicom", "liver*.dcm", "not_an_image"),
+    ("pydicom", "JPEG-lossy.dcm", "decode_failed"),  # a 12-bit lossy JPEG no installed plugin decodes
+    ("pydicom", "JPEG2000-embedded-sequence-delimiter.dcm", "decode_failed"),  # a corrupt codestream
+    ("pydicom", "meta_missing_tsyntax.dcm", "unsupported_photometric"),  # no PhotometricInterpretation
+    ("pydicom", "nested_priv_SQ.dcm", "unsupported_photometric"),
+]
+
+
+def _files() -> list[tuple[str, str]]:
+    out = []
+    for corpus, root in ROOTS.items():
+        if root is None or not root.is_dir():
+            continue
+        out += [(corpus, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*"))
+                if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]  # fmt: skip
+    return out
+
+
+FILES = _files()
+
+
+def expected_reason(corpus: str, rel: str) -> str | None:
+    for c, pattern, reason in QUARANTINED:
+        if c == corpus and fnmatch.fnmatch(rel, pattern):
+            return reason
+    return None
+
+
+def test_the_corpora_are_there() -> None:
+    if ROOTS["pydicom-data"] is None:
+        pytest.skip("pydicom-data is not installed (pip install -e '.[dev]'): its 68 real files are not tested")
+    counts = {c: sum(1 for f in FILES if f[0] == c) for c in ROOTS}
+    assert counts["pydicom-data"] == 68 and counts["pydicom"] > 150, counts
+
+
+PSEUDO = Pseudonymizer.from_params(DeidParams())
+DEID = partial(deidentify, pseudo=PSEUDO, opts=DeidParams())
+
+
+def _plausible(im: DicomImage) -> None:
+    frames = (im.n_frames,) if im.n_frames > 1 else ()
+    colour = (3,) if im.channels == 3 else ()
+    assert im.pixels.shape == (*frames, im.rows, im.columns, *colour)
+    assert im.pixels.dtype == np.float32 and np.isfinite(im.pixels).all()
+    lo, hi = float(im.pixels.min()), float(im.pixels.max())
+    assert hi > lo, "a constant image: decoded to nothing"
+    if im.unit == "HU":
+        assert -3100 <= lo and hi <= 40000, (lo, hi)
+    elif im.unit == "RGB":
+        assert 0 <= lo and hi <= 2.0**32, (lo, hi)
+
+
+@pytest.mark.parametrize(("corpus", "rel"), FILES, ids=[f"{c}/{r}" for c, r in FILES])
+def test_every_file_is_decoded_or_quarantined_with_its_reason(corpus: str, rel: str, tmp_path: Path) -> None:
+    path = ROOTS[corpus] / rel
+    expected = expected_reason(corpus, rel)
+    got = ingest._read_one(path, None, "rgb", False, DEID, tmp_path)  # exactly what ingest's workers run
+    if expected is not None:
+        assert isinstance(got, DicomError), f"expected quarantine ({expected}), got a decoded image"
+        assert got.reason == expected, got.detail
+        assert not any(tmp_path.rglob("*.dcm")), "a quarantined file left a de-identified copy"
+        return
+    assert isinstance(got, DicomImage), f"expected a decoded image, got {got.reason}: {got.detail}"
+    _plausible(got)
+    assert got.deid_counts and got.deid_counts.get("U", 0) >= 1  # at least the SOP Instance UID was remapped
+    (copy,) = tmp_path.rglob("*.dcm")
+    ds = pydicom.dcmread(copy)
+    assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+    assert not any(e.tag.is_private for e in ds)
+    if got.channels == 3:  # the same file with a grayscale task: quarantined, not converted
+        with pytest.raises(DicomError) as info:
+            read_dicom(path, color="reject")
+        assert info.value.reason == "color_rejected"
+
+
+SAMPLE = ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "eCT_Supplemental.dcm", "SC_rgb.dcm", "liver.dcm",
+          "MR_truncated.dcm", "rtplan.dcm", "no_meta.dcm", "OBXXXX1A.dcm", "ExplVR_BigEndNoMeta.dcm"]  # fmt: skip
+
+
+def test_ingest_accounts_for_every_file_of_a_mixed_folder(make_params, tmp_path: Path) -> None:
+    """ingest.run on a folder of real, mixed files without labels: each file used or quarantined, with reasons."""
+    src = tmp_path / "in"
+    src.mkdir()
+    if ROOTS["pydicom-data"] is None:
+        pytest.skip("pydicom-data is not installed (pip install -e '.[dev]')")
+    for name in SAMPLE:
+        found = [r / name for r in ROOTS.values() if r is not None and (r / name).is_file()]
+        shutil.copy(found[0], src / name)
+    (src / "notes.txt").write_text("not an image\n")
+    (src / "empty.dcm").write_bytes(b"")
+    params = make_params({"ingest.labels_csv": None, "ingest.color": "rgb", "ingest.deid.write_dicom": True,
+                          "ingest.workers": 1})  # fmt: skip
+    res = ingest.run(params, tmp_path / "out", src, None, progress=False)
+    s = res.summary
+    assert s["files_found"] == len(SAMPLE) + 2 and s["used"] + s["quarantined"] == s["files_found"]
+    assert s["quarantined_by_reason"] == {"empty_file": 1, "no_pixel_data": 2, "not_an_image": 1, "not_dicom": 2,
+                                          "truncated": 1}  # fmt: skip
+    assert s["used"] == 6 and s["series_built"] == 6 and s["all_files_accounted"]
+    audit = (tmp_path / "out/deid_audit.json").read_text()
+    assert '"files_deidentified": 6' in audit and "burned_in_review" in audit
+    assert len(list((tmp_path / "out/dicom").rglob("*.dcm"))) == 6  # the used instances, de-identified
