@@ -169,3 +169,37 @@ def test_ingest_accounts_for_every_file_of_a_mixed_folder(make_params, tmp_path:
     audit = (tmp_path / "out/deid_audit.json").read_text()
     assert '"files_deidentified": 6' in audit and "burned_in_review" in audit
     assert len(list((tmp_path / "out/dicom").rglob("*.dcm"))) == 6  # the used instances, de-identified
+
+
+def _corpus_file(name: str) -> Path:
+    found = [r / name for r in ROOTS.values() if r is not None and (r / name).is_file()]
+    if not found:
+        pytest.skip(f"{name} is not in the installed corpora")
+    return found[0]
+
+
+def test_enhanced_multiframe_is_a_volume_from_its_per_frame_geometry() -> None:
+    from tasks.series import stack_series
+
+    im = read_dicom(_corpus_file("eCT_Supplemental.dcm"))  # enhanced CT: per-frame functional groups
+    assert im.frame_positions is not None and len(im.frame_positions) == im.n_frames == 2
+    out = stack_series([im])
+    assert out.pixels.shape == (2, 512, 512) and out.spacing is not None and out.spacing[0] > 0
+    assert im.unit == "HU" and -1100 < float(out.pixels.min()) < float(out.pixels.max()) < 3100
+
+
+@pytest.mark.parametrize(("mode", "rows", "shape"), [("stack", 1, [10, 64, 64]), ("split", 10, [64, 64])])
+def test_multiframe_stacked_or_split(mode: str, rows: int, shape: list[int], make_params, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(_corpus_file("emri_small.dcm"), src / "cine.dcm")  # 10 frames, no per-frame positions
+    params = make_params({"ingest.labels_csv": None, "ingest.multiframe": mode, "ingest.workers": 1})
+    res = ingest.run(params, tmp_path / "out", src, None, progress=False)
+    import csv
+    import json
+
+    with (tmp_path / "out/manifest.csv").open() as fh:
+        manifest = list(csv.DictReader(fh))
+    assert len(manifest) == rows and res.summary["used"] == 1 and res.summary["quarantined"] == 0
+    assert all(json.loads(r["shape"]) == shape for r in manifest)
+    assert len({r["image_id"] for r in manifest}) == rows

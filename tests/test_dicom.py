@@ -116,7 +116,29 @@ CASES = [
     ("color_rejected", _rgb),
     ("unsupported_photometric", _set_photometric("CMYK")),
     ("decode_failed", _jpeg_syntax_on_garbage),
+    ("decode_failed", lambda p: _unsupported_syntax(p)),
 ]
+
+
+def _unsupported_syntax(path: Path) -> None:
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no installed decoder
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" * 16])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_malformed_geometry_value_is_dropped_not_fatal(ct_file: Path) -> None:
+    raw = ct_file.read_bytes()
+    ds = pydicom.dcmread(ct_file)
+    value = "\\".join(str(v) for v in ds.ImagePositionPatient).encode()
+    at = raw.index(value)
+    bad = b"abc\\def\\g".ljust(len(value))  # DS that is not a number, same length
+    ct_file.write_bytes(raw[:at] + bad + raw[at + len(value):])
+    im = read_dicom(ct_file)
+    assert im.image_position is None and im.pixels.shape == (im.rows, im.columns)
 
 
 @pytest.mark.parametrize(("reason", "damage"), CASES, ids=[f"{r}-{i}" for i, (r, _) in enumerate(CASES)])
