@@ -492,9 +492,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     parser.add_argument("--output", type=Path, required=True, help="output folder, e.g. data/ingested")
     parser.add_argument("--input", type=Path, default=None, help="DICOM folder (default: ingest.dicom_dir)")
-    parser.add_argument("--labels", type=Path, default=None, help="label CSV (default: ingest.labels_csv)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="label CSV (default: ingest.labels_csv, which belongs to ingest.dicom_dir: with another "
+                             "--input and no --labels the folder is ingested without labels)")  # fmt: skip
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
+    other_folder = args.input is not None and args.input.resolve() != Path(params.ingest.dicom_dir).resolve()
+    if other_folder and args.labels is None:
+        params = load_params_or_exit(args.params, {"ingest.labels_csv": None})
+        print(f"ingest: {args.input} without labels (give --labels CSV to label it)", file=sys.stderr)
     try:
         result = run(params, args.output, args.input, args.labels)
     except (ValueError, OSError, NotImplementedError) as exc:  # bad inputs: say which, without a traceback
