@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params override")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
-    overrides = {**dict(kv.split("=", 1) for kv in args.set), "ingest.labels_csv": None,
+    # colour converted, not rejected: ingest then decodes every file the bare loop decodes (like for like)
+    overrides = {"ingest.color": "rgb", **dict(kv.split("=", 1) for kv in args.set), "ingest.labels_csv": None,
                  "ingest.workers": args.workers}
     params = load_params(args.params, overrides)
     warm_imports()

@@ -133,9 +133,10 @@ def _channel_first(pixels: np.ndarray, channels: int) -> np.ndarray:
     """Colour (..., 3) to channel-first (3, ...), scaled to [0, 255] by its range (8, 16 or 32 bits)."""
     if channels == 1:
         return pixels
-    top = float(pixels.max(initial=0.0))
-    scale = 1.0 if top <= 255 else 257.0 if top <= 65535 else 16843009.0  # (2^b - 1) / 255
-    return np.moveaxis(pixels / scale, -1, 0).astype(np.float32)
+    if pixels.dtype != np.uint8:
+        scale = {np.dtype(np.uint16): 257.0, np.dtype(np.uint32): 16843009.0}.get(pixels.dtype, 1.0)  # (2^b-1)/255
+        pixels = np.rint(pixels / scale).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(pixels, -1, 0))
 
 
 def _burned_in(im: DicomImage) -> str | None:

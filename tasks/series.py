@@ -64,9 +64,9 @@ class Stacked(NamedTuple):
     """A stacked series.
 
     Attributes:
-        pixels: float32, (H, W) for one single-frame instance, (F, H, W) for one multi-frame instance without
-            per-frame positions (cine, US, XA: frames in stored order), else (D, H, W) ascending along the slice
-            normal; colour (``channels == 3``) adds a trailing axis of 3.
+        pixels: float32 (colour: its integer dtype), (H, W) for one single-frame instance, (F, H, W) for one
+            multi-frame instance without per-frame positions (cine, US, XA: frames in stored order), else
+            (D, H, W) ascending along the slice normal; colour (``channels == 3``) adds a trailing axis of 3.
         spacing: mm per spatial array axis, in array axis order ((row, col) or (slice, row, col)); None if unknown.
         warning: something a person should know (the InstanceNumber fallback, uneven steps), or None.
     """
@@ -211,9 +211,9 @@ def stack_series(images: Sequence[DicomImage], max_gap_factor: float = 1.5) -> S
     first = images[0]
     row_col = [float(s) for s in first.pixel_spacing] if first.pixel_spacing else None
     if len(images) == 1 and first.n_frames == 1:
-        return Stacked(first.pixels.reshape(_frame(first)).astype(np.float32), row_col, None)
+        return Stacked(first.pixels.reshape(_frame(first)).astype(first.pixels.dtype, copy=False), row_col, None)
     if len(images) == 1:
-        frames = first.pixels.reshape(first.n_frames, *_frame(first)).astype(np.float32)
+        frames = first.pixels.reshape(first.n_frames, *_frame(first)).astype(first.pixels.dtype, copy=False)
         if first.frame_positions is None:
             return Stacked(frames, _spacing(first.slice_thickness, row_col), None)
         if len(first.frame_positions) != first.n_frames:
@@ -255,7 +255,7 @@ def stack_series(images: Sequence[DicomImage], max_gap_factor: float = 1.5) -> S
             f"{n - with_geometry} of {n} slices lack ImagePositionPatient/ImageOrientationPatient "
             "and not all have InstanceNumber",
         )
-    volume = np.stack([images[k].pixels.reshape(_frame(first)) for k in order]).astype(np.float32)
+    volume = np.stack([images[k].pixels.reshape(_frame(first)) for k in order])  # float32, or integer RGB
     return Stacked(volume, _spacing(step, row_col), warning)
 
 

@@ -89,7 +89,8 @@ class DicomImage:
 
     Attributes:
         pixels: float32 array, (H, W) for a single frame or (F, H, W) for a multi-frame object, after the
-            Modality LUT (Hounsfield units for CT) and with MONOCHROME1 inverted so that higher means brighter.
+            Modality LUT (Hounsfield units for CT) and with MONOCHROME1 inverted so that higher means brighter;
+            colour: RGB with a trailing axis of 3, in its stored integer dtype (uint8/uint16/uint32).
         modality: (0008,0060) Modality, e.g. "CT".
         unit: "HU" for CT, otherwise (0028,1054) RescaleType or "stored".
         rows: (0028,0010) Rows (H).
@@ -301,19 +302,24 @@ def _decode(ds: Any, photometric: str, voi: bool) -> np.ndarray:
     except Exception as exc:  # codec missing, corrupt stream, bad group 0028: all are "cannot decode"
         raise DicomError("decode_failed", f"{type(exc).__name__}: {exc}"[:300]) from None
     try:
-        if photometric == "PALETTE COLOR":
-            return np.ascontiguousarray(apply_color_lut(stored, ds), dtype=np.float32)
-        if photometric in _COLOR:
-            return np.ascontiguousarray(stored, dtype=np.float32)
+        if photometric in _COLOR:  # colour keeps its integer dtype (native byte order): 4x less to move than float32
+            rgb = apply_color_lut(stored, ds) if photometric == "PALETTE COLOR" else stored
+            return np.ascontiguousarray(rgb, dtype=rgb.dtype.newbyteorder("="))
         n_frames = int(ds.get("NumberOfFrames") or 1)
         per_frame = _frame_rescale(ds, n_frames) if n_frames > 1 else None
         if per_frame is not None:
-            values = stored.astype(np.float64).reshape(n_frames, *stored.shape[-2:])
+            values = stored.astype(np.float32).reshape(n_frames, *stored.shape[-2:])
             for f, (slope, intercept) in enumerate(per_frame):
-                values[f] = values[f] * slope + intercept
+                values[f] = values[f] * np.float32(slope) + np.float32(intercept)
             values = values.reshape(stored.shape)
-        else:
+        elif "ModalityLUTSequence" in ds:
             values = apply_modality_lut(stored, ds)
+        else:  # the rescale in float32 (pydicom's apply_modality_lut computes it in float64: 2x the memory)
+            slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+            values = stored.astype(np.float32)
+            if (slope, intercept) != (1.0, 0.0):
+                values *= np.float32(slope)
+                values += np.float32(intercept)
         if voi and (ds.get("VOILUTSequence") or ds.get("WindowCenter") is not None):
             values = apply_voi_lut(values, ds)
         if photometric == "MONOCHROME1":
@@ -324,7 +330,7 @@ def _decode(ds: Any, photometric: str, voi: bool) -> np.ndarray:
                 ends = apply_modality_lut(ends, ds).astype(np.float64)
             else:
                 ends = ends * per_frame[0][0] + per_frame[0][1]
-            values = (ends.min() + ends.max()) - values.astype(np.float64)
+            values = np.float32(ends.min() + ends.max()) - values.astype(np.float32, copy=False)
     except Exception as exc:
         raise DicomError("decode_failed", f"modality/VOI LUT: {type(exc).__name__}: {exc}"[:300]) from None
     return np.ascontiguousarray(values, dtype=np.float32)
