@@ -106,6 +106,14 @@ def timed_steps(
     return {"samples_per_s": bs * steps / sum(totals.values()), "ms": {k: 1000 * v / steps for k, v in totals.items()}}
 
 
+def default_medmnist_root() -> None:
+    """Without $MEDMNIST_ROOT, use ../shared/data/medmnist beside the checkout when it exists."""
+    if not os.environ.get("MEDMNIST_ROOT"):
+        shared = REPO.parent / "shared/data/medmnist"
+        if shared.is_dir():
+            os.environ["MEDMNIST_ROOT"] = str(shared)
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -220,10 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bare-steps", type=int, default=100)
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
-    if args.data is None and not os.environ.get("MEDMNIST_ROOT"):
-        shared = REPO.parent / "shared/data/medmnist"
-        if shared.is_dir():
-            os.environ["MEDMNIST_ROOT"] = str(shared)
+    if args.data is None:
+        default_medmnist_root()
     res = run_benchmark(args)
     print()
     print(format_table(res))

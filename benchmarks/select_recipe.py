@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.medmnist import RECIPE, recipe_overrides  # noqa: E402
+from benchmarks.medmnist import RECIPE, default_medmnist_root, recipe_overrides  # noqa: E402
 from tasks.config import load_params  # noqa: E402
 
 CANDIDATES = Path(__file__).with_name("candidates.yaml")
@@ -162,10 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.data is None and not os.environ.get("MEDMNIST_ROOT"):
-        shared = REPO.parent / "shared/data/medmnist"
-        if shared.is_dir():
-            os.environ["MEDMNIST_ROOT"] = str(shared)
+    if args.data is None:
+        default_medmnist_root()
     res = select(args)
     print(f"\n{'candidate':<16}{'held-out ACC':>18}{'ACC at 0.5':>18}{'held-out AUC':>18}{'min/fold':>10}")
     for r in res["candidates"]:
