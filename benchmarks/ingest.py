@@ -9,8 +9,9 @@ Corpora: ``pydicom-data`` (the 68 files of the PyPI package pydicom-data, module
 absent, with ``--limit`` only enough patients for N files) and every ``--input DIR``. Ingest reads each corpus in
 place, unlabelled (``ingest.labels_csv: null``), with ``--workers`` processes (default: all cores), and writes into a
 temporary folder; its time includes reading, validation, de-identification, series stacking, the patient split and
-writing the arrays. Unlabelled ingest still splits by patient, so a corpus (or ``--limit`` subset) of fewer than ~7
-usable patients fails with tasks.split's ValueError: reported as "failed", the bare loops still timed. The bare loop
+writing the arrays (unlabelled, a corpus too small for a patient split is written without one). Colour is converted
+(``ingest.color: rgb``), so that ingest decodes what the bare loop decodes. An ingest that raises is reported as
+"failed" and the bare loops are still timed. The bare loop
 reads the same files (every regular file; a failure counts as processed) in one process and in ``--workers``
 processes; its workers return nothing to the parent (ingest's return the pixels). Each is timed ``--repeats`` times,
 interleaved, after warming this process's imports; the best time is reported, the median beside it.

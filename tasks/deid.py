@@ -1,7 +1,7 @@
-"""Pseudonymisation and de-identification of the values ingest keeps (no pydicom here: plain values in and out).
+"""Pseudonymisation: the keyed replacements for identifying values (no pydicom here: plain values in and out).
 
-What ingest writes about an image is limited to what this module produces plus non-identifying geometry, which
-is how the DICOM PS3.15 Basic Application Level Confidentiality Profile is met for the outputs:
+:mod:`tasks.dicom.profile` applies the DICOM PS3.15 basic profile to each instance with these replacements, and
+ingest's manifest holds only what this module produces plus non-identifying geometry:
 
 * identifiers (PatientID, StudyInstanceUID, ...) are replaced by keyed HMAC-SHA256 pseudonyms: consistent
   within a project (the same patient gets the same pseudonym on every run and in every study) and not
@@ -10,8 +10,8 @@ is how the DICOM PS3.15 Basic Application Level Confidentiality Profile is met f
   references between objects survive;
 * dates are shifted by a per-patient offset (the "Retain Longitudinal Temporal Information with Modified
   Dates" option) or dropped;
-* everything else (names, birth date, accession number, institution, physicians, descriptions) is never read
-  into the outputs at all.
+* everything else (names, birth date, accession number, institution, physicians, descriptions) is removed,
+  emptied or replaced by the profile, and never reaches the manifest.
 
 The secret comes from the environment variable named by ``ingest.deid.secret_env``. Without it a fixed
 development default is used and :attr:`Pseudonymizer.secret_source` says ``development-default``: fine for
@@ -101,6 +101,16 @@ class Pseudonymizer:
         """The patient's date offset in days, in [1, max_date_shift_days]; dates move back by it."""
         return 1 + int.from_bytes(self._digest("date", patient_id)[:8], "big") % self.max_date_shift_days
 
+    def shift_dicom_date(self, value: str, patient_id: str) -> str | None:
+        """A DICOM DA (``YYYYMMDD``) or DT (``YYYYMMDD...``) value moved back by the patient's offset, in the same
+        format (a DT keeps its time part); None when it does not start with a valid date."""
+        text = value.strip()
+        try:
+            day = dt.datetime.strptime(text[:8], "%Y%m%d").date()
+        except ValueError:
+            return None
+        return (day - dt.timedelta(days=self.date_shift_days(patient_id))).strftime("%Y%m%d") + text[8:]
+
     def shift_date(self, date: str, patient_id: str) -> str:
         """De-identify a DICOM DA date for ``patient_id``.
 
@@ -114,8 +124,5 @@ class Pseudonymizer:
         """
         if not self.shift_dates or not date:
             return ""
-        try:
-            parsed = dt.datetime.strptime(date.strip()[:8], "%Y%m%d").date()
-        except ValueError:
-            return ""
-        return (parsed - dt.timedelta(days=self.date_shift_days(patient_id))).isoformat()
+        shifted = self.shift_dicom_date(date.strip()[:8], patient_id)
+        return "" if shifted is None else f"{shifted[:4]}-{shifted[4:6]}-{shifted[6:]}"

@@ -203,14 +203,13 @@ def collect_dicom(
         try:
             pixels, spacing, warning = stack_series([m.image for m in members], params.series.max_gap_factor)
         except SeriesError as exc:
-            reason, why = exc.reason, f"series {image_id}: {exc.detail}"
+            reason, why = exc.reason, exc.detail
         else:
             n_slices = pixels.shape[0] if pixels.ndim == 3 + (first.image.channels == 3) else 1
             used, why = select_series([m.image for m in members], n_slices, params.series)
             reason = None if used else "series_not_selected"
         if reason is not None:
-            quarantine += [(m.rel, reason, why if reason != "series_not_selected" else f"series {image_id}: {why}")
-                           for m in members]  # fmt: skip
+            quarantine += [(m.rel, reason, f"series {image_id}: {why}") for m in members]
             for m in members:
                 _unwrite(write_dir, pseudo, m.image.ids)
             continue

@@ -28,7 +28,6 @@ and Longitudinal Temporal Information Modified says MODIFIED or REMOVED.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -104,18 +103,6 @@ def action_for(tag: int) -> str | None:
     return None
 
 
-def _shift(value: str, days: int, vr: str) -> str | None:
-    """A DA (YYYYMMDD) or DT (YYYYMMDD...) value moved back ``days``; None when it cannot be parsed."""
-    text = value.strip()
-    try:
-        day = dt.datetime.strptime(text[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
-    if vr == "DA" and len(text) != 8:
-        return None
-    return (day - dt.timedelta(days=days)).strftime("%Y%m%d") + text[8:]
-
-
 def _identifying_tokens(ds: Any) -> set[str]:
     tokens: set[str] = set()
     for keyword in _IDENTIFYING:
@@ -126,6 +113,13 @@ def _identifying_tokens(ds: Any) -> set[str]:
         for v in values:
             tokens.update(t.lower() for t in re.split(r"[\s^,./\\-]+", str(v)) if len(t) >= 3)
     return tokens
+
+
+def _empty(elem: Any) -> Any:
+    """The zero-length value of the element's VR."""
+    if elem.VR == "SQ":
+        return []
+    return None if elem.VR in _NUMERIC else b"" if elem.VR in _BYTES else ""
 
 
 def _dummy(elem: Any) -> Any:
@@ -221,8 +215,7 @@ class _Engine:
         elif keyword == "PatientID" or keyword == "PatientName":
             elem.value = self.pseudo.patient_id(self.patient_id)
         elif action == "Z":
-            elem.value = [] if elem.VR == "SQ" else (None if elem.VR in _NUMERIC else "" if elem.VR not in _BYTES
-                                                      else b"")
+            elem.value = _empty(elem)
         else:
             elem.value = _dummy(elem)
         self.counts[action] += 1
@@ -232,9 +225,9 @@ class _Engine:
         if elem.VR == "TM" or elem.value in (None, ""):
             self.counts["M"] += 1
             return True
-        days = self.pseudo.date_shift_days(self.patient_id)
         values = [elem.value] if isinstance(elem.value, str) else list(elem.value)
-        shifted = [_shift(str(v), days, elem.VR) for v in values]
+        shifted = [None if elem.VR == "DA" and len(str(v).strip()) != 8
+                   else self.pseudo.shift_dicom_date(str(v), self.patient_id) for v in values]  # fmt: skip
         if any(s is None for s in shifted):
             return False
         elem.value = shifted[0] if len(shifted) == 1 else shifted
