@@ -123,7 +123,7 @@ def bench_corpus(name: str, folder: Path, params: Params, repeats: int, work: Pa
             t = time.perf_counter()
             try:
                 res = call()
-            except ValueError as exc:  # too few patients to split (tasks.split), or a bad setting: report it
+            except ValueError as exc:  # too few patients to split (tasks.sources.split), or a bad setting: report it
                 error = f"{type(exc).__name__}: {exc}"
                 continue
             times[method].append(time.perf_counter() - t)

@@ -6,7 +6,7 @@
 The recipe is ``benchmarks/recipe.yaml``: params.yaml overrides that are the same for every MedMNIST set (2D or 3D;
 channels and classes come from the data). ingest and preprocess run once; train and evaluate run per seed, each
 seed an MLflow run nested under one parent run for the sweep (``base.sweep``), so the MLflow UI compares them and
-``python -m tasks.report --sweep NAME`` regenerates the results table from the tracked runs. Model and threshold
+``python -m tasks.reporting.report --sweep NAME`` regenerates the results table from the tracked runs. Model and threshold
 selection see the validation split only; the test split is evaluated once per seed.
 
 Printed: per seed test AUC / ACC with bootstrap 95% CIs (each MedMNIST image is its own "patient": the sets
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tasks.config import Params, load_params  # noqa: E402
-from tasks.paper import paper_rows  # noqa: E402
+from tasks.reporting.paper import paper_rows  # noqa: E402
 
 RECIPE = Path(__file__).with_name("recipe.yaml")
 
@@ -60,8 +60,8 @@ def timed_steps(
     import numpy as np
     import torch
 
-    from tasks.augment import augment_batch
-    from tasks.models import ModelSpec, build_model
+    from tasks.models.augment import augment_batch
+    from tasks.models.networks import ModelSpec, build_model
     from tasks.train import configure_torch
 
     meta = json.loads((data_dir / "meta.json").read_text())
@@ -204,7 +204,7 @@ def format_table(res: dict[str, Any]) -> str:
     total = sum(b.values())
     lines.append(f"one training step (batch {res['batch_size']}): " + ", ".join(
         f"{k} {v:.0f} ms ({v / total:.0%})" for k, v in b.items()))
-    lines.append(f"tracked as sweep {res['sweep']}: python -m tasks.report --experiment {res['experiment']} "
+    lines.append(f"tracked as sweep {res['sweep']}: python -m tasks.reporting.report --experiment {res['experiment']} "
                  f"--sweep {res['sweep']}")
     lines.append(f"train: {res['minutes_per_seed']:.1f} min/seed on {res['threads']} threads, "
                  f"{res['samples_per_s']:.0f} samples/s; bare PyTorch loop {res['bare_loop_samples_per_s']:.0f} "

@@ -67,7 +67,7 @@ def score_fold(model_dir: Path, data: Path, positive_class: int) -> dict[str, fl
     import torch
 
     from tasks.metrics import classification_metrics
-    from tasks.models import load_trained, predict_proba
+    from tasks.models.networks import load_trained, predict_proba
 
     spec, model = load_trained(model_dir)
     val = json.loads((model_dir / "val_metrics.json").read_text())

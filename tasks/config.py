@@ -6,10 +6,9 @@ fail before any work is done, with a message that names the file, the dotted key
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -24,6 +23,10 @@ class _Strict(BaseModel):
 
 
 class BaseParams(_Strict):
+    # three seeds, so that a grid over one does not move the others: the patient split (fixed across a seed grid;
+    # a split grid is an explicit grid over this key), training (weight init, data order, augmentation) and, in
+    # evaluate, the bootstrap (evaluate.bootstrap_seed)
+    split_seed: int = Field(42, ge=0)
     seed: int = Field(42, ge=0)
     dataset: str = "synthetic-ct"
     experiment: str = "medpipe"
@@ -80,13 +83,13 @@ class SeriesParams(_Strict):
 
 class IngestParams(_Strict):
     source: Literal["dicom", "medmnist"] = "dicom"
-    dicom_dir: str = "data/synthetic/dicom"
-    labels_csv: str | None = "data/synthetic/labels.csv"
+    # the data set, one path (so that it is one DVC dependency): a folder of DICOM files (any nesting) holding
+    # the label table too, or an official MedMNIST .npz
+    input: str = "data/synthetic/dicom"
+    # the label table, a relative path inside `input` (it is then part of the same DVC dependency); null: none
+    labels_csv: str | None = "labels.csv"
     label_key: str = "AccessionNumber"
     label_column: str = "label"
-    medmnist_path: str | None = None  # an official MedMNIST .npz; null: medmnist_name + medmnist_size
-    medmnist_name: str | None = None  # a MedMNIST flag, e.g. adrenalmnist3d, found in $MEDMNIST_ROOT
-    medmnist_size: Literal[28, 64, 128, 224] = 28
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     deid: DeidParams = DeidParams()
@@ -97,9 +100,16 @@ class IngestParams(_Strict):
     workers: int = Field(2, ge=1)
 
     @model_validator(mode="after")
-    def _medmnist_named(self) -> IngestParams:
-        if self.source == "medmnist" and not (self.medmnist_path or self.medmnist_name):
-            raise ValueError("source: medmnist needs medmnist_path (a .npz) or medmnist_name (e.g. adrenalmnist3d)")
+    def _inputs(self) -> IngestParams:
+        if self.source == "medmnist" and self.labels_csv is not None:
+            raise ValueError("labels_csv: a MedMNIST .npz carries its own labels; set labels_csv: null")
+        if self.labels_csv is not None:
+            parts = PurePosixPath(self.labels_csv.replace("\\", "/")).parts
+            if not parts or PurePosixPath(self.labels_csv).is_absolute() or ".." in parts:
+                raise ValueError(
+                    f"labels_csv: {self.labels_csv!r} must be a relative path inside ingest.input (e.g. labels.csv), "
+                    "so that the label table is part of the stage's DVC dependency; copy it into the data folder"
+                )
         return self
 
 
@@ -113,6 +123,18 @@ class PreprocessParams(_Strict):
         if self.spatial_size is not None and any(s < 8 for s in self.spatial_size):
             raise ValueError(f"spatial_size entries must be >= 8, got {self.spatial_size}")
         return self
+
+
+class AugmentParams(_Strict):
+    """Magnitudes of the batched training augmentation (tasks/models/augment.py); used when train.augment."""
+
+    flip_prob: float = Field(0.5, ge=0, le=1)  # per sample and spatial axis
+    affine_prob: float = Field(0.5, ge=0, le=1)  # share of samples that get the random rotation/scale/shift
+    rotate_deg: float = Field(10.0, ge=0, le=180)
+    scale: float = Field(0.1, ge=0, lt=1)  # isotropic zoom in [1 - scale, 1 + scale]
+    translate: float = Field(0.05, ge=0, le=0.5)  # shift, as a fraction of the field of view per axis
+    intensity_scale: float = Field(0.1, ge=0, lt=1)  # gain in [1 - s, 1 + s]
+    intensity_shift: float = Field(0.05, ge=0, le=1)  # offset in [-s, s] (inputs are in [0, 1])
 
 
 class SvmParams(_Strict):
@@ -132,6 +154,7 @@ class TrainParams(_Strict):
     warmup_epochs: int = Field(1, ge=0)  # linear LR warm-up, then cosine decay to 0 (per optimiser step)
     weight_decay: float = Field(1e-4, ge=0)
     augment: bool = True
+    augmentation: AugmentParams = AugmentParams()
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     ema: float = Field(0.0, ge=0, lt=1)  # decay of an exponential moving average of the weights; 0 = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -145,6 +168,7 @@ class EvaluateParams(_Strict):
     # on the positive-class probability (binary); "val": the accuracy-optimal threshold train found on validation
     threshold: Annotated[float, Field(ge=0, le=1)] | Literal["val"] = 0.5
     bootstrap: int = Field(1000, ge=0)
+    bootstrap_seed: int = Field(0, ge=0)  # the resampling's own seed (not base.seed: training seeds leave it)
     ci: float = Field(0.95, gt=0, lt=1)
 
 
@@ -209,27 +233,75 @@ def validate_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: invalid params:\n  {lines}") from None
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ParamsError(f"override {dotted}: {part} is not a group")
-    node[parts[-1]] = value
+def _yaml(typ: str = "rt"):
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ=typ)
+    yaml.preserve_quotes = True
+    return yaml
+
+
+def read_yaml(path: Path | str) -> Any:
+    """Parse a YAML file into plain Python data (dicts, lists, scalars)."""
+    return _yaml("safe").load(Path(path).read_text())
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys (``{"train.epochs": 1}``) in a params mapping, in place; returns it.
+
+    A missing group on the way is created (validation then rejects an unknown one); a scalar on the way is an error.
+    """
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not hasattr(node, "keys"):
+                raise ParamsError(f"override {dotted}: {part} is not a group")
+        node[parts[-1]] = value
+    return raw
+
+
+def _read_mapping(path: Path, typ: str = "safe") -> Any:
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = _yaml(typ).load(path.read_text())
+    except Exception as exc:  # ruamel's YAMLError subclasses: a syntax error, with its line
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    raw = {} if raw is None else raw
+    if not hasattr(raw, "keys"):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return raw
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
     """Load and validate params.yaml, applying dotted-key overrides (``{"train.epochs": 1}``)."""
     path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: params file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping at the top level")
-    for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
-    return validate_params(raw, str(path))
+    raw = apply_overrides(_read_mapping(path), overrides)
+    return validate_params(raw, str(path) + (f" with overrides {overrides}" if overrides else ""))
+
+
+def write_overrides(path: Path | str, overrides: dict[str, Any]) -> Params:
+    """Validate dotted overrides against the schema, then write them into the YAML file (comments kept).
+
+    The one writer of params files: the flow's experiments, ``dvc exp``-style grids and the tests use it.
+
+    Raises:
+        ParamsError: before anything is written, naming the key and the expected form.
+    """
+    import io
+    import json
+
+    path = Path(path)
+    doc = apply_overrides(_read_mapping(path, "rt"), overrides)
+    params = validate_params(json.loads(json.dumps(doc)), f"{path} with overrides {overrides}")
+    buf = io.StringIO()
+    _yaml("rt").dump(doc, buf)
+    path.write_text(buf.getvalue())
+    return params
 
 
 def load_params_or_exit(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
@@ -243,21 +315,19 @@ def load_params_or_exit(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, 
         raise SystemExit(2) from None
 
 
-def params_hash(params: Params) -> str:
-    """A short, stable hash of the full params (for tags)."""
-    import hashlib
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tasks.config [params.yaml] [--quiet]``: validate the whole file; print it, or fail naming the key
+    (exit status 2). ``make`` and the flow run this before DVC decides anything."""
+    import argparse
     import json
 
-    blob = json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def main() -> None:
-    """``python -m tasks.config [params.yaml]``: validate and print the params, or fail naming the key."""
-    import sys
-
-    params = load_params_or_exit(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_PARAMS)
-    print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    ap = argparse.ArgumentParser(prog="python -m tasks.config", description=main.__doc__.splitlines()[0])
+    ap.add_argument("params", nargs="?", default=str(DEFAULT_PARAMS))
+    ap.add_argument("--quiet", action="store_true", help="print nothing when the file is valid")
+    args = ap.parse_args(argv)
+    params = load_params_or_exit(args.params)
+    if not args.quiet:
+        print(json.dumps(params.model_dump(mode="json"), indent=2))
 
 
 if __name__ == "__main__":

@@ -17,44 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from tasks import tracking
-from tasks.config import Params, load_params_or_exit
-from tasks.metrics import classification_metrics, predict_labels
+from tasks.config import EvaluateParams
+from tasks.metrics import bootstrap_ci, classification_metrics, predict_labels
 
 
 @dataclass(frozen=True)
 class EvaluateResult:
     metrics: dict[str, float]
     n_test: int
-
-
-def bootstrap_ci(
-    y: np.ndarray, proba: np.ndarray, groups: list[str], positive_class: int, threshold: float, n: int, ci: float,
-    seed: int,
-) -> dict[str, tuple[float, float]]:
-    """Percentile confidence intervals of each metric, resampling patients (not images) with replacement.
-
-    Args:
-        y: (N,) labels. proba: (N, K) probabilities. groups: (N,) patient id of each image.
-        n: number of resamples. ci: coverage, e.g. 0.95. seed: RNG seed.
-
-    Returns:
-        ``{metric: (low, high)}``; NaN bounds when n == 0.
-    """
-    names = ("accuracy", "precision", "recall", "f1", "auc")
-    if n == 0:
-        return {k: (float("nan"), float("nan")) for k in names}
-    rng = np.random.default_rng(seed)
-    patients, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(patients))]
-    samples: dict[str, list[float]] = {k: [] for k in names}
-    for _ in range(n):
-        pick = rng.integers(0, len(patients), len(patients))
-        idx = np.concatenate([members[i] for i in pick])
-        m = classification_metrics(y[idx], proba[idx], positive_class, threshold)
-        for k in names:
-            samples[k].append(m[k])
-    alpha = (1 - ci) / 2
-    return {k: (float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha))) for k, v in samples.items()}
 
 
 def curves(y: np.ndarray, proba: np.ndarray, positive_class: int) -> tuple[list[dict], list[dict]]:
@@ -123,11 +93,16 @@ def resolve_threshold(setting: float | str, val: dict, source: Path) -> tuple[fl
     return 0.5, "0.5 (no validation threshold: multi-class or svm)"
 
 
-def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> EvaluateResult:
-    """Evaluate on the test split once; write metrics, curves and plots; log them to the training run."""
+def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> EvaluateResult:
+    """Evaluate on the test split once; write metrics, curves and plots; log them to the training run.
+
+    Args:
+        ep: the ``evaluate`` params group. model_dir: train's output. data_dir: preprocess's output (its
+            meta.json names the positive class). output: where metrics, predictions, curves and plots go.
+    """
     from sklearn.metrics import confusion_matrix
 
-    from tasks.models import load_trained, predict_proba
+    from tasks.models.networks import load_trained, predict_proba, weights_hash
 
     spec, model = load_trained(model_dir)
     x = np.load(data_dir / "test_x.npy")
@@ -136,13 +111,13 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Evalua
         ids = list(csv.DictReader(fh))
     if len(y) == 0 or (y < 0).any():
         raise ValueError(f"{data_dir / 'test_y.npy'}: the test split is empty or has unlabelled samples")
-    ev, pos = params.evaluate, params.base.positive_class
+    ev, pos = ep, int(json.loads((data_dir / "meta.json").read_text()).get("positive_class", 1))
     val = json.loads((model_dir / "val_metrics.json").read_text())
     threshold, source = resolve_threshold(ev.threshold, val, model_dir / "val_metrics.json")
-    proba = predict_proba(model, spec, x, svm_feature_size=params.train.svm.feature_size)
+    proba = predict_proba(model, spec, x)
     point = classification_metrics(y, proba, pos, threshold)
     groups = [r["patient_id"] for r in ids]
-    cis = bootstrap_ci(y, proba, groups, pos, threshold, ev.bootstrap, ev.ci, params.base.seed)
+    cis = bootstrap_ci(y, proba, groups, pos, threshold, ev.bootstrap, ev.ci, ev.bootstrap_seed)
     pred = predict_labels(proba, pos, threshold)
     cm = confusion_matrix(y, pred, labels=list(range(spec.num_classes)))
 
@@ -180,13 +155,15 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Evalua
             w.writerows(rows)
     pngs = plot_all(output, roc, pr, cm, names, metrics)
 
-    run_id = tracking.read_run_id(model_dir)
+    run_id = tracking.run_for_model(weights_hash(model_dir), model_dir)
     tracking.log_metrics(run_id, metrics)
     tracking.log_artifacts(run_id, [output / "metrics.json", output / "predictions.csv", *pngs], "evaluate")
     return EvaluateResult(metrics=metrics, n_test=len(y))
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tasks.config import load_params_or_exit
+
     ap = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--model", type=Path, default=Path("models/train"))
@@ -194,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output", type=Path, default=Path("reports/evaluate"))
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
-    res = run(params, args.model, args.data, args.output)
+    res = run(params.evaluate, args.model, args.data, args.output)
     m = res.metrics
     print(f"test metrics (n={res.n_test}, {params.evaluate.ci:.0%} CI by patient bootstrap):")
     for k in ("accuracy", "precision", "recall", "f1", "auc"):

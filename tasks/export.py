@@ -5,7 +5,8 @@ test_x.npy). Outputs (``<output>/``):
 
 ``<Name>.mlpackage``  Core ML classifier (``classLabel`` + ``classLabel_probs``), fp32, with provenance metadata
 ``model.onnx``        the same softmax-wrapped network, dynamic batch (for MLflow serving and non-Apple targets)
-``export.json``       package size, parity figures, input contract, durations
+``export.json``       package size, parity figures, input contract (a function of the inputs: durations go to
+                      MLflow, not here)
 
 The Core ML input is what a device has at hand. 2D single-channel data takes an 8-bit grayscale image: the caller
 renders the slice with the recorded window (center/width, what a DICOM viewer shows) and the model divides by 255,
@@ -20,7 +21,6 @@ the test images, failing above ``export.parity_tolerance``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import time
@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks import coreml, tracking
-from tasks.config import Params, load_params_or_exit, params_hash
-from tasks.models import ModelSpec
+from tasks import tracking
+from tasks.config import ExportParams
+from tasks.coreml import convert as coreml
+from tasks.models.networks import ModelSpec, weights_hash
 
 if TYPE_CHECKING:
     import torch
@@ -127,31 +128,23 @@ def predict_onnx(path: Path, x: np.ndarray, batch: int = 16) -> np.ndarray:
     return np.concatenate([session.run(None, {ONNX_INPUT: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def data_hash(data_dir: Path) -> str:
-    """DVC's md5 of ``data/ingested`` from dvc.lock, else ``sha256:`` of preprocess's meta.json + test arrays."""
-    recorded = tracking.dvc_out_hash("data/ingested")
-    if recorded != "unknown":
-        return recorded
-    h = hashlib.sha256()
-    for name in ("meta.json", "test_x.npy", "test_y.npy"):
-        path = data_dir / name
-        if path.exists():
-            with path.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return f"sha256:{h.hexdigest()[:16]}"
-
-
 def provenance(
-    params: Params, spec: ModelSpec, meta: dict[str, Any], data_dir: Path, run_id: str, contract: coreml.InputContract
+    model_dir: Path, spec: ModelSpec, meta: dict[str, Any], contract: coreml.InputContract
 ) -> dict[str, str]:
-    """The Core ML ``user_defined_metadata``: where the model came from and what its input means (strings only)."""
+    """The Core ML ``user_defined_metadata``: where the model came from and what its input means (strings only).
+
+    Only values that are a function of the stage's inputs: the weights' sha256 (the MLflow run that trained the
+    model carries it as a tag, and the registry version carries the git commit) and the params and data hashes
+    train recorded in its provenance.json.
+    """
     inten = meta["intensity"]
     spacing = meta.get("spacing") or meta.get("spacing_mm") or meta.get("source_spacing_mm")
     window = {"window_center": f"{inten['center']:g}", "window_width": f"{inten['width']:g}"}
+    record_path = model_dir / "provenance.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
     return {
-        "git_commit": tracking.git_commit(), "dvc_data_hash": data_hash(data_dir), "mlflow_run_id": run_id,
-        "params_hash": params_hash(params), "family": spec.family, "arch": spec.arch,
+        "model_sha256": weights_hash(model_dir), "dvc_data_hash": record.get("data_hash", "unknown"),
+        "params_hash": record.get("params_hash", "unknown"), "family": spec.family, "arch": spec.arch,
         "class_names": json.dumps(list(meta["class_names"])), "input_shape": json.dumps(list(contract.shape)),
         "input_kind": contract.kind, "intensity": json.dumps(inten), "spacing_mm": json.dumps(spacing),
         **(window if inten["kind"] == "hu_window" else {}),
@@ -169,14 +162,18 @@ def _check_svm(spec: ModelSpec) -> None:
     )
 
 
-def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> ExportResult:
+def run(ep: ExportParams, model_dir: Path, data_dir: Path, output: Path, model_name: str) -> ExportResult:
     """Export the trained model; see the module docstring for what is written and checked.
+
+    Args:
+        ep: the ``export`` params group. model_dir: train's output. data_dir: preprocess's output (meta.json and
+            the test images used for the parity check). output: the export folder. model_name: ``base.model_name``
+            (names the ``.mlpackage``).
 
     Raises:
         ExportError: for an SVM, a spec that does not match, or parity above ``export.parity_tolerance``.
     """
     t0 = time.perf_counter()
-    ep = params.export
     meta = read_meta(data_dir)
     spec = ModelSpec.load(model_dir / "model.json")
     if spec.family == "svm":
@@ -189,7 +186,7 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Export
     if class_names != list(meta["class_names"]):
         raise ExportError(f"{model_dir / 'model.json'}: class_names {class_names} != {data_dir / 'meta.json'} "
                           f"class_names {meta['class_names']}")
-    run_id = tracking.read_run_id(model_dir)
+    run_id = tracking.run_for_model(weights_hash(model_dir), model_dir)
     contract = coreml.input_contract(spec, meta)
     x = load_test_images(data_dir, ep.parity_images)
     if x.shape[1:] != tuple(spec.input_shape):
@@ -199,7 +196,7 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Export
     import torch
 
     t = time.perf_counter()
-    from tasks.models import load_trained
+    from tasks.models.networks import load_trained
 
     model = with_softmax(load_trained(model_dir)[1])
     example = torch.from_numpy(x[:1].copy()) if len(x) else torch.rand(1, *spec.input_shape)
@@ -208,7 +205,7 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Export
     durations["trace"] = time.perf_counter() - t
 
     output.mkdir(parents=True, exist_ok=True)
-    package, onnx_path = output / coreml.package_name(params.base.model_name), output / ONNX_FILE
+    package, onnx_path = output / coreml.package_name(model_name), output / ONNX_FILE
     for old in (package, onnx_path, output / EXPORT_JSON):
         shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     t = time.perf_counter()
@@ -221,7 +218,7 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Export
     except Exception as exc:  # coremltools raises NotImplementedError/ValueError/RuntimeError per op
         raise ExportError(f"coremltools could not convert train.arch={spec.arch} ({spec.spatial_dims}D "
                           f"{spec.family}): {type(exc).__name__}: {exc}") from exc
-    user_meta = provenance(params, spec, meta, data_dir, run_id, contract)
+    user_meta = provenance(model_dir, spec, meta, contract)
     val_path = model_dir / "val_metrics.json"
     val_threshold = json.loads(val_path.read_text()).get("val_threshold") if val_path.exists() else None
     if val_threshold is not None:  # classLabel is the argmax; an app that wants the validated operating point
@@ -229,7 +226,7 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Export
     coreml.describe(
         mlmodel, contract, class_names, author=ep.author, license=ep.license, metadata=user_meta,
         short_description=f"{ep.description} ({spec.family}/{spec.arch}, {spec.spatial_dims}D)",
-        version=user_meta["git_commit"][:12],
+        version=user_meta["model_sha256"][:12],
     )
     mlmodel.save(str(package))
     durations["coreml"] = time.perf_counter() - t
@@ -263,13 +260,14 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Export
             "label_output": coreml.LABEL_OUTPUT, "probabilities_output": coreml.PROBS_OUTPUT,
             "deployment_target": ep.deployment_target, "specification_version": info["specification_version"],
         },
-        "metadata": user_meta, "parity": parity, "durations_s": {k: round(v, 3) for k, v in durations.items()},
+        "metadata": user_meta, "parity": parity,
     }
     (output / EXPORT_JSON).write_text(json.dumps(record, indent=2) + "\n")
     tracking.log_metrics(run_id, {
         "export_package_bytes": record["package_bytes"], "export_onnx_bytes": record["onnx_bytes"],
         "export_parity_traced_max_abs": parity["traced_vs_eager_max_abs"],
-        "export_parity_onnx_max_abs": parity["onnx_vs_eager_max_abs"], "export_seconds": durations["total"],
+        "export_parity_onnx_max_abs": parity["onnx_vs_eager_max_abs"],
+        **{f"export_seconds_{k}": v for k, v in durations.items()},
     })
     tracking.set_tags(run_id, {"export.input_kind": contract.kind, "export.package": package.name})
     tracking.log_artifacts(run_id, [output / EXPORT_JSON], artifact_path="export")
@@ -277,6 +275,8 @@ def run(params: Params, model_dir: Path, data_dir: Path, output: Path) -> Export
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tasks.config import load_params_or_exit
+
     ap = argparse.ArgumentParser(prog="python -m tasks.export", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--model", type=Path, default=Path("models/train"))
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
     try:
-        res = run(params, args.model, args.data, args.output)
+        res = run(params.export, args.model, args.data, args.output, params.base.model_name)
     except ExportError as exc:
         raise SystemExit(f"export: {exc}") from None
     par = res.parity

@@ -1,10 +1,13 @@
-"""Stage 1: a folder of DICOM files (any names, any nesting) to de-identified arrays, a manifest and a split.
+"""Stage 1: a data set (a DICOM folder, a MedMNIST .npz) to de-identified arrays, a manifest and a split.
 
-``python -m tasks.ingest --params params.yaml --output data/ingested [--input DIR] [--labels CSV]``
+``python -m tasks.ingest --params params.yaml --output data/ingested [--input PATH] [--labels CSV]``
 
-Every file under the input folder is read (both cores, :mod:`tasks.dicom`), pseudonymised (:mod:`tasks.deid`),
-grouped by series and stacked along the slice normal, labelled from the label CSV and split by patient
-(:mod:`tasks.split`). A file that cannot be used is quarantined with a reason; it never stops the stage. Writes::
+The source (:mod:`tasks.sources.dicom_folder`, :mod:`tasks.sources.medmnist`) yields image records: for DICOM every
+file under the input folder is read, de-identified (PS3.15 basic profile), grouped by series and stacked along the
+slice normal. This stage labels them from the label table (:mod:`tasks.sources.labels`), splits them by patient
+(:mod:`tasks.sources.split`, seeded by ``base.split_seed``) and writes them. A file that cannot be used is
+quarantined with a reason; it never stops the stage. Every output is a function of the inputs (no timings, no
+absolute paths). Writes::
 
     <output>/arrays/<image_id>.npy   float32, (H, W) for a one-slice series, (D, H, W) otherwise; HU for CT
     <output>/manifest.csv            one row per image, columns MANIFEST_COLUMNS (pseudonymous ids only)
@@ -23,18 +26,17 @@ import argparse
 import csv
 import hashlib
 import json
-import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from functools import partial
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.config import IngestParams, Params
-from tasks.deid import Pseudonymizer
-from tasks.dicom import DicomError, DicomImage  # light: tasks.dicom imports pydicom only when reading/writing
+from tasks.config import IngestParams
+from tasks.dicom.pseudonym import Pseudonymizer
+from tasks.sources.labels import read_labels
+from tasks.sources.records import ImageRecord
 
 MANIFEST_COLUMNS = (
     "image_id", "patient_id", "study_id", "series_uid", "study_date", "label", "split", "path", "sha256",
@@ -46,40 +48,7 @@ INGEST_REASONS = (
     "duplicate_instance",  # a second file with a SOPInstanceUID already seen
     "series_not_selected",  # a valid series that ingest.series does not ask for (the detail says why)
     "no_label",  # a label CSV is given but has no row for the study's label-key value
-)  # plus tasks.series.SERIES_REASONS: a series that cannot be one volume
-
-
-@dataclass
-class Instance:
-    """One readable file after de-identification (the raw label-key value stays in memory only)."""
-
-    rel: str
-    image: DicomImage  # its ``ids`` are never written
-    patient_id: str
-    study_id: str
-    series_uid: str
-    study_date: str
-
-
-@dataclass
-class ImageRecord:
-    """One output image (a series): pixels plus its manifest fields."""
-
-    image_id: str
-    patient_id: str
-    study_id: str
-    series_uid: str
-    study_date: str
-    pixels: np.ndarray
-    spacing: list[float] | None
-    modality: str
-    unit: str
-    files: list[str]
-    label_value: str | None = field(repr=False)
-    label: int | None = None
-    split: str = ""
-    channels: int = 1  # > 1: pixels are channel-first (C, *S)
-    selection: str = ""  # why the series was used (tasks.series.select_series)
+)  # plus tasks.dicom.series.SERIES_REASONS: a series that cannot be one volume
 
 
 @dataclass(frozen=True)
@@ -90,196 +59,6 @@ class IngestResult:
     manifest: Path
     quarantine: Path
     summary: dict[str, Any]
-
-
-def _read_one(path: Path, label_key: str | None, color: str, voi: bool, deidentify: Any,
-              write_dir: Path | None) -> DicomImage | DicomError:  # fmt: skip
-    """Worker: a DicomImage or the DicomError explaining why not (returned, so that pool.map keeps going)."""
-    from tasks.dicom import read_dicom
-
-    try:
-        return read_dicom(path, label_key, color=color, voi=voi, deidentify=deidentify, write_dir=write_dir)
-    except DicomError as exc:
-        return exc
-    except Exception as exc:  # a bug or an unforeseen file: quarantine it, never crash the stage
-        return DicomError("unreadable", f"unexpected {type(exc).__name__}: {exc}"[:300])
-
-
-def read_all(
-    files: list[Path], params: IngestParams, pseudo: Pseudonymizer, write_dir: Path | None, progress: bool = True
-) -> list[DicomImage | DicomError]:
-    """Read, de-identify (PS3.15 basic profile) and decode ``files`` with ``params.workers`` processes.
-
-    Returns:
-        DicomImage | DicomError per file, in the order of ``files``.
-    """
-    from tqdm import tqdm
-
-    from tasks.dicom.profile import deidentify
-
-    read = partial(_read_one, label_key=params.label_key, color=params.color, voi=params.voi,
-                   deidentify=partial(deidentify, pseudo=pseudo, opts=params.deid), write_dir=write_dir)
-    bar = partial(tqdm, total=len(files), desc="ingest: read", unit="file", disable=not progress)
-    workers = params.workers
-    if workers <= 1 or len(files) < 2 * workers:
-        return list(bar(map(read, files)))
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(bar(pool.map(read, files, chunksize=max(1, min(32, len(files) // (8 * workers))))))
-
-
-def _channel_first(pixels: np.ndarray, channels: int) -> np.ndarray:
-    """Colour (..., 3) to channel-first (3, ...), scaled to [0, 255] by its range (8, 16 or 32 bits)."""
-    if channels == 1:
-        return pixels
-    if pixels.dtype != np.uint8:
-        scale = {np.dtype(np.uint16): 257.0, np.dtype(np.uint32): 16843009.0}.get(pixels.dtype, 1.0)  # (2^b-1)/255
-        pixels = np.rint(pixels / scale).astype(np.uint8)
-    return np.ascontiguousarray(np.moveaxis(pixels, -1, 0))
-
-
-def _burned_in(im: DicomImage) -> str | None:
-    """Why an instance needs a look for text in its pixels before it is shared, or None."""
-    if im.burned_in_annotation == "YES":
-        return "BurnedInAnnotation YES"
-    if im.burned_in_annotation != "NO" and im.modality in _BURNED_IN_PRONE:
-        return f"BurnedInAnnotation absent for {im.modality}"
-    if im.has_overlay:
-        return "overlay plane present"
-    return None
-
-
-_BURNED_IN_PRONE = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "SM", "DOC", "XA", "RF", "DX", "CR", "MG", "IO"})
-
-
-def collect_dicom(
-    input_dir: Path, params: IngestParams, pseudo: Pseudonymizer, progress: bool = True, write_dir: Path | None = None
-) -> tuple[int, list[ImageRecord], list[tuple[str, str, str]], list[str], dict[str, Any]]:
-    """Read, de-identify, stack and select every file under ``input_dir``.
-
-    Args:
-        write_dir: where de-identified instances are written (``<series uid>/<sop uid>.dcm``), or None.
-
-    Returns:
-        (files found, images, quarantine rows (relative path, reason, detail), warnings, audit), where the audit
-        holds the PS3.15 action counts and the images flagged for burned-in annotation review.
-    """
-    from tasks.dicom.profile import PROFILE_TABLE, audit_counts
-    from tasks.series import SeriesError, select_series, stack_series
-
-    files = sorted(p for p in input_dir.rglob("*") if p.is_file())
-    results = read_all(files, params, pseudo, write_dir, progress)
-    quarantine: list[tuple[str, str, str]] = []
-    series: dict[str, list[Instance]] = defaultdict(list)
-    seen_sop: dict[str, str] = {}
-    counts = []
-    for path, res in zip(files, results, strict=True):
-        rel = path.relative_to(input_dir).as_posix()
-        if isinstance(res, DicomError):
-            quarantine.append((rel, res.reason, res.detail))
-            continue
-        counts.append(Counter(res.deid_counts or {}))
-        ids = res.ids
-        if ids.sop_uid and ids.sop_uid in seen_sop:
-            quarantine.append((rel, "duplicate_instance", f"same SOPInstanceUID as {seen_sop[ids.sop_uid]}"))
-            _unwrite(write_dir, pseudo, ids)
-            continue
-        seen_sop[ids.sop_uid] = rel
-        inst = Instance(
-            rel=rel,
-            image=res,
-            patient_id=pseudo.patient_id(ids.patient_id),
-            study_id=pseudo.study_id(ids.study_uid),
-            series_uid=pseudo.uid(ids.series_uid or ids.sop_uid or rel),  # no series UID: an image of its own
-            study_date=pseudo.shift_date(ids.study_date, ids.patient_id),
-        )
-        series[inst.series_uid].append(inst)
-
-    images, warnings, flagged = [], [], []
-    for uid, members in sorted(series.items()):
-        image_id = "I" + pseudo.pseudonym("image", uid)
-        first = members[0]
-        try:
-            pixels, spacing, warning = stack_series([m.image for m in members], params.series.max_gap_factor)
-        except SeriesError as exc:
-            reason, why = exc.reason, exc.detail
-        else:
-            n_slices = pixels.shape[0] if pixels.ndim == 3 + (first.image.channels == 3) else 1
-            used, why = select_series([m.image for m in members], n_slices, params.series)
-            reason = None if used else "series_not_selected"
-        if reason is not None:
-            quarantine += [(m.rel, reason, f"series {image_id}: {why}") for m in members]
-            for m in members:
-                _unwrite(write_dir, pseudo, m.image.ids)
-            continue
-        if warning:
-            warnings.append(f"{image_id}: {warning}")
-        flags = sorted({f for m in members if (f := _burned_in(m.image))})
-        if flags:
-            flagged.append({"image_id": image_id, "files": len(members), "why": flags})
-        record = partial(
-            ImageRecord, patient_id=first.patient_id, study_id=first.study_id, series_uid=uid,
-            study_date=first.study_date, spacing=spacing, modality=first.image.modality,
-            unit="uint8" if first.image.channels == 3 else first.image.unit, files=[m.rel for m in members],
-            label_value=first.image.ids.label_value, channels=first.image.channels, selection=why,
-        )  # fmt: skip
-        frames = len(members) == 1 and first.image.n_frames > 1 and params.multiframe == "split"
-        if frames:  # one 2D image per frame of a multi-frame instance
-            for k in range(pixels.shape[0]):
-                images.append(record(image_id=f"{image_id}-f{k:04d}",
-                                     pixels=_channel_first(pixels[k], first.image.channels),
-                                     spacing=spacing and spacing[-2:]))  # fmt: skip
-        else:
-            images.append(record(image_id=image_id, pixels=_channel_first(pixels, first.image.channels)))
-    audit = {
-        "profile": f"DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile (table {PROFILE_TABLE})",
-        "options": {
-            "retain_longitudinal_modified_dates": params.deid.shift_dates,
-            "retain_device_identity": params.deid.retain_device_identity,
-            "clean_descriptors": params.deid.clean_descriptors,
-            "private_safelist": list(params.deid.keep_private),
-        },
-        "files_deidentified": len(counts),
-        "actions": audit_counts(counts),
-        "burned_in_review": flagged,
-        "secret": pseudo.secret_source,
-    }
-    return len(files), images, quarantine, warnings, audit
-
-
-def _unwrite(write_dir: Path | None, pseudo: Pseudonymizer, ids: Any) -> None:
-    """Remove the de-identified copy of an instance that ended in quarantine (it must not look used)."""
-    if write_dir is not None:
-        series = pseudo.uid(ids.series_uid) if ids.series_uid else "no-series"
-        (write_dir / series / f"{pseudo.uid(ids.sop_uid)}.dcm").unlink(missing_ok=True)
-
-
-def read_labels(path: Path, key: str, column: str, n_classes: int | None) -> dict[str, int]:
-    """The label table: label-key value -> class index (in [0, n_classes); any index >= 0 when None).
-
-    Raises:
-        ValueError: naming the file (and line) for a missing column, a bad or out-of-range label, or a key given
-            two different labels.
-    """
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {key, column} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
-        table: dict[str, int] = {}
-        for line, row in enumerate(reader, start=2):
-            k, raw = (row[key] or "").strip(), (row[column] or "").strip()
-            try:
-                label = int(raw)
-            except ValueError:
-                raise ValueError(f"{path}:{line}: {column}={raw!r} is not an integer class index") from None
-            if not k or not 0 <= label < (n_classes or label + 1):
-                expected = f"in [0, {n_classes - 1}]" if n_classes else ">= 0"
-                raise ValueError(f"{path}:{line}: need a {key} and {column} {expected}, got {raw!r}")
-            if table.setdefault(k, label) != label:
-                raise ValueError(f"{path}:{line}: {key} given two different labels")
-    return table
 
 
 def _prepare_output(output: Path) -> None:
@@ -300,20 +79,32 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple[Any, ...]])
         writer.writerows(rows)
 
 
+def portable_path(path: Path | str) -> str:
+    """How an input path is recorded in outputs and MLflow: as given when relative (a project path such as
+    ``data/synthetic/dicom``); an absolute path is not recorded (it names a machine, and real exports name folders
+    after patients)."""
+    return Path(path).as_posix() if not Path(path).is_absolute() else "<absolute path, not recorded>"
+
+
 def run(
-    params: Params,
+    ip: IngestParams,
     output: Path,
-    input_dir: Path | None = None,
+    *,
+    class_names: list[str] | None = None,
+    split_seed: int = 42,
+    input_path: Path | None = None,
     labels_csv: Path | None = None,
     progress: bool = True,
 ) -> IngestResult:
-    """Ingest a DICOM folder into ``output``.
+    """Ingest a data set into ``output``.
 
     Args:
-        params: all params; reads ``base`` (seed, class names) and ``ingest``.
+        ip: the ``ingest`` params group.
         output: the stage's output folder (created; a previous ingest output there is replaced).
-        input_dir: DICOM folder; default ``params.ingest.dicom_dir``.
-        labels_csv: label table; default ``params.ingest.labels_csv`` (None there: no labels).
+        class_names: ``base.class_names`` (None: from the data).
+        split_seed: ``base.split_seed``, the patient split's seed.
+        input_path: the DICOM folder or MedMNIST .npz; default ``ip.input``.
+        labels_csv: the label table; default ``ip.labels_csv`` inside the input folder (None there: no labels).
         progress: show tqdm progress bars.
 
     Returns:
@@ -321,46 +112,44 @@ def run(
 
     Raises:
         ValueError: a bad label table, or too few patients to split.
-        FileNotFoundError: the input folder or label table does not exist.
+        FileNotFoundError: the input or the label table does not exist.
     """
-    t0 = time.perf_counter()
-    ip = params.ingest
     output = Path(output)
     pseudo = Pseudonymizer.from_params(ip.deid)
-    if labels_csv is None and ip.labels_csv is not None:
-        labels_csv = Path(ip.labels_csv)
+    input_path = Path(input_path or ip.input)
+    if labels_csv is None and ip.labels_csv is not None and input_path == Path(ip.input):
+        labels_csv = input_path / ip.labels_csv
     table: dict[str, int] | None = None
     if labels_csv is not None:  # read first: a bad table fails before any DICOM is decoded
         if not Path(labels_csv).is_file():
             raise FileNotFoundError(f"{labels_csv}: label table not found (ingest.labels_csv or --labels)")
-        names = params.base.class_names
-        table = read_labels(Path(labels_csv), ip.label_key, ip.label_column, len(names) if names else None)
+        table = read_labels(Path(labels_csv), ip.label_key, ip.label_column, len(class_names) if class_names else None)
 
     if ip.source == "dicom":
         from tasks.dicom import is_dicom_keyword
+        from tasks.sources.dicom_folder import collect_dicom
 
-        input_dir = Path(input_dir or ip.dicom_dir)
-        if not input_dir.is_dir():
-            raise FileNotFoundError(f"{input_dir}: input folder not found (ingest.dicom_dir or --input)")
+        if not input_path.is_dir():
+            raise FileNotFoundError(f"{input_path}: input folder not found (ingest.input or --input)")
         if not is_dicom_keyword(ip.label_key):
             raise ValueError(f"ingest.label_key: {ip.label_key!r} is not a DICOM keyword")
         _prepare_output(output)
         write_dir = output / "dicom" if ip.deid.write_dicom else None
-        n_found, images, quarantine, warnings, audit = collect_dicom(input_dir, ip, pseudo, progress, write_dir)
+        skip = {Path(labels_csv).resolve()} if labels_csv is not None else set()
+        n_found, images, quarantine, warnings, audit = collect_dicom(input_path, ip, pseudo, progress, write_dir, skip)
     else:  # a MedMNIST .npz: already labelled, official splits kept
-        from tasks import medmnist
+        from tasks.sources import medmnist
 
         if table is not None:
             raise ValueError("ingest.labels_csv: a MedMNIST source carries its own labels; set labels_csv: null")
         try:
-            input_dir, n_found, images, warnings = medmnist.collect(ip, progress)
+            n_found, images, warnings = medmnist.collect(input_path, progress)
         except medmnist.MedMNISTError as exc:
             raise ValueError(str(exc)) from None
         quarantine, audit = [], None
-        n_classes = params.base.class_names and len(params.base.class_names)
-        if n_classes and max(im.label for im in images) >= n_classes:
-            raise ValueError(f"base.class_names: {len(params.base.class_names)} names, but {input_dir} has labels up "
-                             f"to {max(im.label for im in images)}; give one name per class or null (from the data)")
+        if class_names and max(im.label for im in images) >= len(class_names):
+            raise ValueError(f"base.class_names: {len(class_names)} names, but {input_path} has labels up to "
+                             f"{max(im.label for im in images)}; give one name per class or null (from the data)")
 
     unmatched = 0
     if table is not None:
@@ -375,13 +164,13 @@ def run(
         unmatched = len(set(table) - {im.label_value for im in kept})
         images = kept
 
-    from tasks.split import check_patient_disjoint, split_by_patient
+    from tasks.sources.split import check_patient_disjoint, split_by_patient
 
     if images and not all(im.split for im in images):  # a source with official splits has set them already
         labels = None if any(im.label is None for im in images) else [im.label for im in images]
         try:
             splits = split_by_patient(
-                [im.patient_id for im in images], labels, ip.val_fraction, ip.test_fraction, params.base.seed
+                [im.patient_id for im in images], labels, ip.val_fraction, ip.test_fraction, split_seed
             )
         except ValueError as exc:
             if labels is not None:
@@ -419,12 +208,14 @@ def run(
     summary = summarise(n_found, images, quarantine, pseudo, warnings)
     labelled = [im.label for im in images if im.label is not None]
     summary.update(
-        class_names=list(params.base.class_names or [str(i) for i in range(max(labelled, default=-1) + 1)]),
+        class_names=list(class_names or [str(i) for i in range(max(labelled, default=-1) + 1)]),
         source=ip.source,
-        input=str(input_dir),
-        labels_csv=labels_csv and str(labels_csv),
+        input=portable_path(input_path),
+        labels_csv=labels_csv and portable_path(labels_csv),
         labels_unmatched=unmatched,
-        wall_s=round(time.perf_counter() - t0, 3),
+        # what made this output (train logs it with its own params); workers change nothing in it
+        params={**ip.model_dump(mode="json", exclude={"workers"}), "input": portable_path(input_path),
+                "split_seed": split_seed},
     )
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return IngestResult(output, output / "manifest.csv", output / "quarantine.csv", summary)
@@ -478,7 +269,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for name, s in summary["splits"].items():
         lines.append(f"{name:<6}{s['images']:>8}{s['patients']:>10}  {s['labels']}")
-    lines.append(f"secret: {summary['secret']}; {len(summary['warnings'])} warning(s); {summary['wall_s']} s")
+    lines.append(f"secret: {summary['secret']}; {len(summary['warnings'])} warning(s)")
     return "\n".join(lines)
 
 
@@ -491,24 +282,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks.ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     parser.add_argument("--output", type=Path, required=True, help="output folder, e.g. data/ingested")
-    parser.add_argument("--input", type=Path, default=None, help="DICOM folder (default: ingest.dicom_dir)")
+    parser.add_argument("--input", type=Path, default=None, help="DICOM folder or .npz (default: ingest.input)")
     parser.add_argument("--labels", type=Path, default=None,
-                        help="label CSV (default: ingest.labels_csv, which belongs to ingest.dicom_dir: with another "
-                             "--input and no --labels the folder is ingested without labels)")  # fmt: skip
+                        help="label CSV (default: ingest.labels_csv inside ingest.input: with another --input and no "
+                             "--labels the folder is ingested without labels)")  # fmt: skip
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
-    other_folder = args.input is not None and args.input.resolve() != Path(params.ingest.dicom_dir).resolve()
-    if other_folder and args.labels is None:
-        params = load_params_or_exit(args.params, {"ingest.labels_csv": None})
-        print(f"ingest: {args.input} without labels (give --labels CSV to label it)", file=sys.stderr)
+    ip = params.ingest
+    if args.input is not None and args.input.resolve() != Path(ip.input).resolve():
+        if args.labels is None:
+            print(f"ingest: {args.input} without labels (give --labels CSV to label it)", file=sys.stderr)
+        ip = ip.model_copy(update={"input": str(args.input), "labels_csv": None})
     try:
-        result = run(params, args.output, args.input, args.labels)
+        result = run(ip, args.output, class_names=params.base.class_names, split_seed=params.base.split_seed,
+                     input_path=args.input, labels_csv=args.labels)
     except (ValueError, OSError, NotImplementedError) as exc:  # bad inputs: say which, without a traceback
         print(f"ingest: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if result.summary["secret"] == "development-default":
         print(
-            f"WARNING: {params.ingest.deid.secret_env} is not set: pseudonyms use the development default "
+            f"WARNING: {ip.deid.secret_env} is not set: pseudonyms use the development default "
             "secret (fine for synthetic data, not for real patients)",
             file=sys.stderr,
         )

@@ -80,7 +80,48 @@ def best_threshold(y: np.ndarray, proba: np.ndarray, positive_class: int = 1) ->
     return float(best[np.argmin(np.abs(best - 0.5))])
 
 
-def cross_entropy(y: np.ndarray, proba: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true classes (natural log; probabilities clipped at 1e-7)."""
-    p = np.clip(proba[np.arange(len(y)), np.asarray(y)], 1e-7, 1.0)
-    return float(-np.log(p).mean())
+def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
+    """Mean cross-entropy of the true classes (natural log), scikit-learn's ``log_loss`` over all K classes."""
+    from sklearn.metrics import log_loss as sk_log_loss
+
+    return float(sk_log_loss(np.asarray(y), proba, labels=np.arange(proba.shape[1])))
+
+
+METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "auc")
+
+
+def bootstrap_ci(
+    y: np.ndarray, proba: np.ndarray, groups: list[str], positive_class: int, threshold: float, n: int, ci: float,
+    seed: int,
+) -> dict[str, tuple[float, float]]:
+    """Percentile confidence intervals of each metric, resampling patients (not images) with replacement.
+
+    Args:
+        y: (N,) labels. proba: (N, K) probabilities. groups: (N,) patient id of each image.
+        positive_class, threshold: as in :func:`classification_metrics`.
+        n: number of resamples. ci: coverage, e.g. 0.95. seed: the resampling's own seed.
+
+    Returns:
+        ``{metric: (low, high)}``; NaN bounds when n == 0. A resample with one class only has no AUC: it is left
+        out of the AUC's quantiles (NaN bounds when every resample lacks a class).
+    """
+    if n == 0:
+        return {k: (float("nan"), float("nan")) for k in METRIC_NAMES}
+    rng = np.random.default_rng(seed)
+    patients, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(len(patients))]
+    samples: dict[str, list[float]] = {k: [] for k in METRIC_NAMES}
+    for _ in range(n):
+        picked = rng.integers(0, len(patients), len(patients))
+        idx = np.concatenate([members[i] for i in picked])
+        m = classification_metrics(y[idx], proba[idx], positive_class, threshold)
+        for k in METRIC_NAMES:
+            samples[k].append(m[k])
+    alpha = (1 - ci) / 2
+    out = {}
+    for k, v in samples.items():
+        arr = np.asarray(v, dtype=float)
+        arr = arr[~np.isnan(arr)]
+        out[k] = (float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))) if len(arr) else (
+            float("nan"), float("nan"))
+    return out

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import Params, PreprocessParams, load_params_or_exit
+from tasks.config import PreprocessParams
 
 SPLITS = ("train", "val", "test")
 
@@ -94,10 +94,10 @@ def _spatial_size(params: PreprocessParams, sample_ndim: int, source: Path) -> l
     return size
 
 
-def class_names_of(params: Params, inputs: Path) -> list[str]:
+def class_names_of(class_names: list[str] | None, inputs: Path) -> list[str]:
     """``base.class_names``, or (null there) the names ingest derived from the data (its summary.json)."""
-    if params.base.class_names:
-        return list(params.base.class_names)
+    if class_names:
+        return list(class_names)
     path = inputs / "summary.json"
     names = json.loads(path.read_text()).get("class_names") if path.exists() else None
     if not names:
@@ -105,24 +105,44 @@ def class_names_of(params: Params, inputs: Path) -> list[str]:
     return list(names)
 
 
-def run(params: Params, inputs: Path, output: Path) -> PreprocessResult:
+def common_value(rows: list[dict[str, str]], column: str, default: str, source: Path) -> str:
+    """The one value of ``column`` shared by every manifest row; raises naming rows that differ.
+
+    One intensity mapping and one channel count serve every image, so a manifest that mixes units (HU beside
+    raw MR values or 8-bit pixels) or channel counts cannot be preprocessed as one set.
+    """
+    values: dict[str, list[str]] = {}
+    for r in rows:
+        values.setdefault(r.get(column) or default, []).append(r["image_id"])
+    if len(values) > 1:
+        shown = "; ".join(f"{v!r}: {len(ids)} image(s), e.g. {ids[0]}" for v, ids in sorted(values.items()))
+        raise ValueError(f"{source}: images differ in {column} ({shown}); select one kind with ingest.series "
+                         "(e.g. modalities: [CT]) so that one intensity mapping fits every image")
+    return next(iter(values))
+
+
+def run(
+    pp: PreprocessParams, inputs: Path, output: Path, class_names: list[str] | None = None, positive_class: int = 1
+) -> PreprocessResult:
     """Preprocess every manifest row into per-split cached arrays.
 
     Args:
-        params: validated params (reads ``base`` and ``preprocess``).
+        pp: the ``preprocess`` params group.
         inputs: the ingest output folder (manifest.csv, arrays/).
         output: where the cached tensors and meta.json go.
+        class_names: ``base.class_names`` (None: the names ingest derived from the data).
+        positive_class: ``base.positive_class``, recorded in meta.json for train and evaluate.
     """
     from tqdm import tqdm
 
     rows = read_manifest(inputs / "manifest.csv")
-    unit = rows[0].get("unit") or "HU"
-    channels = int(rows[0].get("channels") or 1)
+    unit = common_value(rows, "unit", "HU", inputs / "manifest.csv")
+    channels = int(common_value(rows, "channels", "1", inputs / "manifest.csv"))
     first = np.load(inputs / rows[0]["path"], mmap_mode="r")
-    spatial = _spatial_size(params.preprocess, first.ndim - (channels > 1), inputs)
-    intensity = intensity_spec(params.preprocess, unit)
+    spatial = _spatial_size(pp, first.ndim - (channels > 1), inputs)
+    intensity = intensity_spec(pp, unit)
     transform = build_transforms(intensity, spatial, channels)
-    class_names = class_names_of(params, inputs)
+    class_names = class_names_of(class_names, inputs)
     output.mkdir(parents=True, exist_ok=True)
 
     counts: dict[str, int] = {}
@@ -160,25 +180,29 @@ def run(params: Params, inputs: Path, output: Path) -> PreprocessResult:
         "input_shape": list(shape),
         "num_classes": len(class_names),
         "class_names": class_names,
-        "positive_class": params.base.positive_class,
+        "positive_class": positive_class,
         "spatial_size": list(shape[1:]),
         "intensity": intensity,
         "source_spacing_mm": spacing,
         "counts": counts,
         "storage_dtype": "float16",
+        # what made these tensors (train logs them to its MLflow run with its own params)
+        "params": {**pp.model_dump(mode="json"), "class_names": class_names, "positive_class": positive_class},
     }
     (output / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return PreprocessResult(meta=meta, counts=counts)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tasks.config import load_params_or_exit
+
     ap = argparse.ArgumentParser(prog="python -m tasks.preprocess", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--input", type=Path, default=Path("data/ingested"))
     ap.add_argument("--output", type=Path, default=Path("data/preprocessed"))
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
-    result = run(params, args.input, args.output)
+    result = run(params.preprocess, args.input, args.output, params.base.class_names, params.base.positive_class)
     print(
         f"preprocess: {result.meta['spatial_dims']}D tensors {result.meta['input_shape']} "
         f"({result.meta['intensity']['kind']}), counts {result.counts} -> {args.output}"

@@ -1,7 +1,7 @@
 """Stage 6: register the exported model in MLflow and alias it ``champion`` or ``challenger``.
 
 Inputs: ``<model>/`` from train (mlflow_run.json, val_metrics.json), ``<export>/`` from export (the .mlpackage,
-model.onnx, export.json) and evaluate's metrics.json. The new version is a pyfunc (:mod:`tasks.coreml_pyfunc`)
+model.onnx, export.json) and evaluate's metrics.json. The new version is a pyfunc (:mod:`tasks.coreml.pyfunc`)
 holding the Core ML package and its ONNX sibling, tagged with the git commit, the data hash, the params hash and
 the validation and test metrics.
 
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import tracking
-from tasks.config import Params, load_params_or_exit, params_hash
+from tasks import provenance, tracking
+from tasks.config import PromoteParams
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,19 @@ def decide(value: float, champion: str | None, champion_value: float | None, gre
     )
 
 
-def run(params: Params, model_dir: Path, export_dir: Path, metrics_path: Path, output: Path) -> PromoteResult:
-    """Register the exported model as a new version, alias it, write ``output`` and end the MLflow run."""
-    from tasks import coreml_pyfunc
+def run(pp: PromoteParams, model_dir: Path, export_dir: Path, metrics_path: Path, output: Path,
+        model_name: str) -> PromoteResult:  # fmt: skip
+    """Register the exported model as a new version, alias it, write ``output`` and end the MLflow run.
 
-    name, metric = params.base.model_name, params.promote.metric
+    Args:
+        pp: the ``promote`` params group. model_dir: train's output (val_metrics.json; the model's hash finds its
+            MLflow run). export_dir: export's output. metrics_path: evaluate's metrics.json. output: registry.json.
+        model_name: ``base.model_name``, the registered model.
+    """
+    from tasks.coreml import pyfunc as coreml_pyfunc
+    from tasks.models.networks import weights_hash
+
+    name, metric = model_name, pp.metric
     val_path = model_dir / "val_metrics.json"
     val = _numbers(_read_json(val_path, "train"))
     if metric not in val:
@@ -99,20 +107,21 @@ def run(params: Params, model_dir: Path, export_dir: Path, metrics_path: Path, o
     for key, path in artifacts.items():
         if not path.exists():
             raise FileNotFoundError(f"{path}: {key} named in {export_dir / 'export.json'} is missing; rerun export")
-    run_id = tracking.read_run_id(model_dir)
+    run_id = tracking.run_for_model(weights_hash(model_dir), model_dir)
 
     champion = tracking.alias_version(name, tracking.CHAMPION)
     champion_value = tracking.champion_metric(name, metric) if champion else None
     tags = {
-        "git_commit": tracking.git_commit(), "dvc_data_hash": record["metadata"].get("dvc_data_hash", "unknown"),
-        "params_hash": params_hash(params), "family": record["family"], "arch": record["arch"],
+        "git_commit": provenance.git_commit(), "dvc_data_hash": record["metadata"].get("dvc_data_hash", "unknown"),
+        "params_hash": record["metadata"].get("params_hash", "unknown"), "model_sha256": weights_hash(model_dir),
+        "family": record["family"], "arch": record["arch"],
         "coreml_package": record["package"], **{k: f"{v:.6g}" for k, v in {**val, **test}.items()},
     }
     version = tracking.log_and_register_pyfunc(
         run_id, name, Path(coreml_pyfunc.__file__), {k: v for k, v in artifacts.items()}, tags,
         tuple(record["input_shape"]), list(record["class_names"]), coreml_pyfunc.pip_requirements(),
     )
-    alias, reason = decide(val[metric], champion, champion_value, params.promote.greater_is_better, metric)
+    alias, reason = decide(val[metric], champion, champion_value, pp.greater_is_better, metric)
     tracking.set_alias(name, alias, version)
     result = PromoteResult(name, version, alias, run_id, metric, val[metric], champion, champion_value, reason)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +132,8 @@ def run(params: Params, model_dir: Path, export_dir: Path, metrics_path: Path, o
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tasks.config import load_params_or_exit
+
     ap = argparse.ArgumentParser(prog="python -m tasks.promote", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--model", type=Path, default=Path("models/train"))
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output", type=Path, default=Path("models/registry.json"))
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
-    res = run(params, args.model, args.export, args.metrics, args.output)
+    res = run(params.promote, args.model, args.export, args.metrics, args.output, params.base.model_name)
     print(f"promote: {res.model_name} version {res.version} -> @{res.alias} ({res.reason}); "
           f"load with mlflow.pyfunc.load_model('models:/{res.model_name}@{res.alias}')")
 

@@ -214,7 +214,7 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
 
     Args:
         params: the ``synth`` group.
-        output: folder for ``dicom/``, ``labels.csv`` and ``synth.json``.
+        output: folder for ``dicom/`` (with its ``labels.csv``) and ``synth.json``.
         progress: show a tqdm progress bar.
 
     Raises:
@@ -287,7 +287,7 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
             date += dt.timedelta(days=int(rng.integers(90, 720)))
             s += 1
 
-    labels_csv = output / "labels.csv"
+    labels_csv = dicom_dir / "labels.csv"  # inside the data folder: one DVC dependency for ingest
     with labels_csv.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["AccessionNumber", "label"])

@@ -2,22 +2,22 @@
 
 Default store: ``sqlite:///mlflow/mlflow.db`` with artifacts under ``mlflow/artifacts`` (relative to the working
 directory, which is the repository root for every stage). ``MLFLOW_TRACKING_URI`` overrides it (e.g. an MLflow
-server on PostgreSQL). One MLflow run per pipeline execution: the train stage opens it and writes its id to
-``<train output>/mlflow_run.json``; evaluate, export and promote log into the same run.
+server on PostgreSQL; a sqlite URI keeps its artifacts in ``artifacts/`` beside the database). One MLflow run per
+trained model: the train stage opens it and tags it with the model's content hash (``medpipe.model_sha256``);
+evaluate, export and promote find the run by that tag (:func:`run_for_model`), so no run id is written into a
+DVC-tracked output.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-RUN_FILE = "mlflow_run.json"
+MODEL_TAG = "medpipe.model_sha256"
 
 
 def tracking_uri() -> str:
@@ -31,9 +31,12 @@ def tracking_uri() -> str:
 
 
 def _default_artifact_location(experiment: str) -> str | None:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None  # a server decides where artifacts go
-    return (Path("mlflow").resolve() / "artifacts" / experiment).as_uri()
+    """Artifacts of a sqlite store live beside the database (``<db folder>/artifacts/<experiment>``); a server
+    decides for itself (None)."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts" / experiment).as_uri()
 
 
 def client() -> MlflowClient:
@@ -68,20 +71,6 @@ def experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     return c.create_experiment(name, artifact_location=_default_artifact_location(name))
-
-
-def git_commit() -> str:
-    """The current git commit (with ``-dirty`` when the work tree has changes), or ``unknown``."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{sha}-dirty" if dirty else sha
 
 
 SWEEP_TAG = "medpipe.sweep"
@@ -136,24 +125,28 @@ def start_run(
     return run.info.run_id
 
 
-def write_run_file(directory: Path, run_id: str) -> None:
-    (directory / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}) + "\n")
+def tag_model(run_id: str, model_hash: str) -> None:
+    """Mark run ``run_id`` as the one that trained the model whose weights hash to ``model_hash``."""
+    client().set_tag(run_id, MODEL_TAG, model_hash)
 
 
-def read_run_id(directory: Path) -> str:
-    """The run id the train stage wrote to ``directory``; fails naming the file if it is absent or unknown."""
-    path = directory / RUN_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no MLflow run id (did the train stage run?)")
-    run_id = json.loads(path.read_text())["run_id"]
-    try:
-        client().get_run(run_id)
-    except Exception as exc:  # mlflow raises MlflowException with a store-specific message
+def run_for_model(model_hash: str, source: Path | str) -> str:
+    """The id of the run that trained the model with weights hash ``model_hash`` (the latest, if several did).
+
+    Raises:
+        RuntimeError: naming ``source`` when no run in the tracking store carries the hash (the store was moved,
+            ``MLFLOW_TRACKING_URI`` changed, or the model was not trained here): rerun train.
+    """
+    c = client()
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    found = c.search_runs(experiments, filter_string=f"tags.`{MODEL_TAG}` = '{model_hash}'",
+                          order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    if not found:
         raise RuntimeError(
-            f"{path}: run {run_id} is not in the tracking store {tracking_uri()} "
-            "(the store was moved or MLFLOW_TRACKING_URI changed); rerun the train stage (dvc repro -f train)"
-        ) from exc
-    return run_id
+            f"{source}: no MLflow run in {tracking_uri()} trained this model ({MODEL_TAG} {model_hash}); the store "
+            "was moved or MLFLOW_TRACKING_URI changed: rerun the train stage (dvc repro -f train)"
+        )
+    return found[0].info.run_id
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -220,20 +213,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def dvc_out_hash(out_path: str, lock: Path = Path("dvc.lock")) -> str:
-    """The md5 DVC recorded for output ``out_path`` in dvc.lock, or ``unknown``."""
-    import yaml
-
-    if not lock.exists():
-        return "unknown"
-    data = yaml.safe_load(lock.read_text()) or {}
-    for stage in (data.get("stages") or {}).values():
-        for out in stage.get("outs", []) or []:
-            if out.get("path") == out_path:
-                return str(out.get("md5", "unknown"))
-    return "unknown"
 
 
 # --- model registry ---------------------------------------------------------------------------------------------

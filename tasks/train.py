@@ -1,34 +1,33 @@
 """Stage 3: train the model family chosen in params on the cached tensors; select on validation only.
 
-Torch families (``cnn``, ``rnn``) train with AdamW, a per-step warm-up + cosine schedule, batched augmentation, an
-optional moving average of the weights (EMA, what is validated and kept), a checkpoint after every epoch (model,
-optimiser, scheduler, EMA, RNG state, history, MLflow run id) and resume after an interruption; the epoch with the
-best validation ``train.select_metric`` is kept. ``svm`` fits a scikit-learn SVC on pooled pixels. Outputs
-(``<output>/``): model.pt or model.joblib, model.json (:class:`tasks.models.ModelSpec`), val_metrics.json,
-mlflow_run.json; per-epoch history for ``dvc plots`` in ``--history``.
+``python -m tasks.train --params params.yaml --input data/preprocessed --output models/train ...``
+
+The fitting itself is :mod:`tasks.models.fit` (torch families with checkpoints and resume; the SVM). This module
+opens the MLflow run, logs params and per-epoch metrics, and writes (``<output>/``): model.pt or model.joblib,
+model.json (:class:`tasks.models.networks.ModelSpec`), val_metrics.json and provenance.json (the hashes of the
+params and data the model came from); per-epoch history for ``dvc plots`` in ``--history``. Every file is a
+function of the stage's inputs: the MLflow run is found again by the model's hash (:func:`tasks.tracking.run_for_model`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import hashlib
 import json
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks import tracking
-from tasks.config import Params, load_params_or_exit, params_hash
-from tasks.models import ModelSpec
+from tasks import provenance, tracking
+from tasks.config import TrainParams
+from tasks.models.fit import CHECKPOINT, Splits, TorchFit, configure_torch, fit_svm
+from tasks.models.networks import ModelSpec, weights_hash
 
-CHECKPOINT = "last.pt"
+PROVENANCE = "provenance.json"
 
 
 @dataclass(frozen=True)
@@ -41,15 +40,14 @@ class TrainResult:
     resumed_from: int | None
 
 
-@dataclass
-class Splits:
-    """Cached tensors of one preprocess output: x float32 (N, C, *S) in [0, 1], y int64 (N,)."""
+@dataclass(frozen=True)
+class RunInfo:
+    """How the MLflow run is named and filed (the ``base`` keys train reads)."""
 
-    train_x: Any
-    train_y: Any
-    val_x: Any
-    val_y: Any
-    meta: dict[str, Any]
+    experiment: str = "medpipe"
+    dataset: str = "synthetic-ct"
+    sweep: str | None = None
+    seed: int = 42
 
 
 def load_splits(inputs: Path) -> Splits:
@@ -74,287 +72,109 @@ def load_splits(inputs: Path) -> Splits:
     return Splits(arr("train_x.npy").float(), tr_y, arr("val_x.npy").float(), va_y, meta)
 
 
-def fingerprint(params: Params, inputs: Path) -> str:
-    """Identifies a training job: train params, seed and the cached data. A checkpoint resumes only if it matches."""
-    h = hashlib.sha256()
-    h.update(json.dumps([params.base.seed, params.train.model_dump(mode="json")], sort_keys=True).encode())
-    for name in ("meta.json", "train_y.npy", "val_y.npy", "train_x.npy"):
-        p = inputs / name
-        h.update(f"{name}:{p.stat().st_size}".encode())
-    h.update((inputs / "train_y.npy").read_bytes())
-    return h.hexdigest()[:16]
+def fingerprint(tp: TrainParams, seed: int, data_hash: str) -> str:
+    """What a training job is: the train params, the seed and the content hash of the tensors it reads.
+
+    A checkpoint resumes only when this matches, so a preprocess change with the same shapes starts afresh.
+    """
+    blob = json.dumps([seed, tp.model_dump(mode="json"), data_hash], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def configure_torch(params: Params):
-    """Seed everything, pick the device and the CPU thread count; returns the torch.device."""
-    import torch
-
-    torch.manual_seed(params.base.seed)
-    np.random.seed(params.base.seed)
-    threads = params.train.num_threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    want = params.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda was asked for but torch.cuda.is_available() is False")
-    return torch.device("cuda" if want in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR factor per optimiser step: linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine to 0."""
-    import math
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    import torch
-
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def fit_torch(
-    params: Params,
-    spec: ModelSpec,
-    data: Splits,
-    device,
-    checkpoint_dir: Path,
-    fp: str,
-    run_id: Callable[[dict | None], str],
-    on_epoch: Callable[[str, dict[str, float]], None],
-) -> tuple[dict, int, dict[str, float], list[dict[str, float]], str, int | None]:
-    """Train a torch family with per-epoch checkpoints; returns (best_state, best_epoch, best_val, history,
-    run_id, resumed_from)."""
-    import torch
-    from tqdm import tqdm
-
-    from tasks.augment import augment_batch
-    from tasks.metrics import best_threshold, classification_metrics, cross_entropy
-    from tasks.models import build_model, predict_proba
-
-    tp = params.train
-    model = build_model(spec).to(device)
-    # 3D convolutions on CPU run ~18% faster channels-last (measured: benchmarks/medmnist.py); the slice RNN's 2D
-    # encoder sees reshaped 4D tensors, so it stays in the default layout
-    channels_last = spec.family == "cnn" and spec.spatial_dims == 3 and device.type == "cpu"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    opt = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
-    n, bs = len(data.train_y), tp.batch_size
-    steps_per_epoch = sum(1 for i in range(0, n, bs) if n - i >= 2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tp.warmup_epochs * steps_per_epoch,
-                                                                 tp.epochs * steps_per_epoch))
-    gen = torch.Generator().manual_seed(params.base.seed)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing)
-    # an exponential moving average of the weights (and BN statistics): what is validated, selected and saved
-    ema = None
-    if tp.ema > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True)
-    history: list[dict[str, float]] = []
-    best_state, best_epoch, best_val, best_score = None, -1, {}, -float("inf")
-    start, resumed_from = 0, None
-
-    ckpt_path = checkpoint_dir / CHECKPOINT
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
-    if ckpt is not None and ckpt.get("fingerprint") == fp:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        gen.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        history, best_state, best_epoch = ckpt["history"], ckpt["best_state"], ckpt["best_epoch"]
-        best_val, best_score = ckpt["best_val"], ckpt["best_score"]
-        start = resumed_from = ckpt["epoch"] + 1
-        print(f"train: resuming from checkpoint {ckpt_path} after epoch {ckpt['epoch']}")
-    elif ckpt is not None:
-        print(f"train: ignoring checkpoint {ckpt_path} (it belongs to other params or data)")
-    rid = run_id(ckpt if resumed_from is not None else None)
-
-    y_train = data.train_y.to(device)
-    for epoch in range(start, tp.epochs):
-        model.train()
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        perm = torch.randperm(n, generator=gen)
-        bar = tqdm(range(0, n, bs), desc=f"epoch {epoch + 1}/{tp.epochs}", unit="batch", leave=False)
-        for i in bar:
-            idx = perm[i : i + bs]
-            if len(idx) < 2:  # batch norm needs two samples
-                continue
-            xb = data.train_x[idx]
-            if tp.augment:
-                xb = augment_batch(xb, gen)
-            xb, yb = xb.to(device), y_train[idx.to(device)]
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last_3d)
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-        train_s = time.perf_counter() - t0
-        selected = model if ema is None else ema.module
-        selected.eval()
-        proba = predict_proba(selected, spec, data.val_x, batch_size=max(bs, 64))
-        val = classification_metrics(data.val_y.numpy(), proba, params.base.positive_class)
-        val["loss"] = cross_entropy(data.val_y.numpy(), proba)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            **{f"val_{k}": v for k, v in val.items()},
-            "lr": opt.param_groups[0]["lr"],
-            "samples_per_s": seen / train_s,
-        }
-        history.append(record)
-        score = -val["loss"] if tp.select_metric == "loss" else val[tp.select_metric]
-        if np.isnan(score):
-            score = val["accuracy"]
-        if score > best_score:
-            best_score, best_epoch, best_val = score, epoch + 1, {f"val_{k}": v for k, v in val.items()}
-            if proba.shape[1] == 2:  # the accuracy-optimal decision threshold on validation (evaluate.threshold: val)
-                best_val["val_threshold"] = best_threshold(data.val_y.numpy(), proba, params.base.positive_class)
-            best_state = copy.deepcopy({k: v.cpu() for k, v in selected.state_dict().items()})
-        on_epoch(rid, record)
-        print(
-            f"epoch {epoch + 1}/{tp.epochs}: loss {record['train_loss']:.4f} val_auc {val['auc']:.4f} "
-            f"val_acc {val['accuracy']:.4f} ({record['samples_per_s']:.0f} samples/s)"
-        )
-        _save_atomic(
-            {
-                "fingerprint": fp,
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-                "best_state": best_state,
-                "best_epoch": best_epoch,
-                "best_val": best_val,
-                "best_score": best_score,
-                "run_id": rid,
-            },
-            ckpt_path,
-        )
-    return best_state, best_epoch, best_val, history, rid, resumed_from
-
-
-def fit_svm(params: Params, data: Splits):
-    """Fit the SVM baseline on pooled features; returns (pipeline, val metrics)."""
-    from tasks.metrics import best_threshold, classification_metrics
-    from tasks.svm import build_svm, pool_features
-
-    sp = params.train.svm
-    clf = build_svm(sp.C, sp.kernel, params.base.seed)
-    clf.fit(pool_features(data.train_x.numpy(), sp.feature_size), data.train_y.numpy())
-    proba = clf.predict_proba(pool_features(data.val_x.numpy(), sp.feature_size))
-    val = classification_metrics(data.val_y.numpy(), proba, params.base.positive_class)
-    best = {f"val_{k}": v for k, v in val.items()}
-    if proba.shape[1] == 2:
-        best["val_threshold"] = best_threshold(data.val_y.numpy(), proba, params.base.positive_class)
-    return clf, best
-
-
-def _run_tags(params: Params, spec: ModelSpec) -> dict[str, str]:
-    return {
-        "git_commit": tracking.git_commit(),
-        "dvc_data_hash": tracking.dvc_out_hash("data/ingested"),
-        "dataset": params.base.dataset,
-        "model_family": spec.family,
-        "arch": spec.arch,
-        "spatial_dims": str(spec.spatial_dims),
-        "params_hash": params_hash(params),
-    }
+def _upstream_params(inputs: Path, ingest_summary: Path | None) -> dict[str, Any]:
+    """The params the data came from, as recorded by ingest (summary.json) and preprocess (meta.json)."""
+    out: dict[str, Any] = {}
+    meta = json.loads((inputs / "meta.json").read_text())
+    out.update(tracking.flatten({"preprocess": meta.get("params", {})}))
+    if ingest_summary and ingest_summary.exists():
+        out.update(tracking.flatten({"ingest": json.loads(ingest_summary.read_text()).get("params", {})}))
+    return out
 
 
 def run(
-    params: Params, inputs: Path, output: Path, checkpoints: Path, history_path: Path, ingest_summary: Path | None
-) -> TrainResult:
-    """Train, select on validation, write the model and log to a new MLflow run (or the interrupted one)."""
+    tp: TrainParams, inputs: Path, output: Path, checkpoints: Path, history_path: Path,
+    ingest_summary: Path | None = None, info: RunInfo = RunInfo(),
+) -> TrainResult:  # fmt: skip
+    """Train, select on validation, write the model and log to a new MLflow run (or the interrupted one's).
+
+    Args:
+        tp: the ``train`` params group.
+        inputs: preprocess's output folder. output: where the model files go.
+        checkpoints: where ``last.pt`` lives between epochs (removed when training finishes).
+        history_path: per-epoch CSV for ``dvc plots``.
+        ingest_summary: ingest's summary.json (logged with its de-identification audit; its params are logged).
+        info: the MLflow experiment, run name parts, sweep and the training seed.
+    """
     import torch
 
     data = load_splits(inputs)
     meta = data.meta
-    tp = params.train
+    positive_class = int(meta.get("positive_class", 1))
     spec = ModelSpec(
-        family=tp.family,
-        arch=tp.arch,
-        spatial_dims=meta["spatial_dims"],
-        in_channels=meta["in_channels"],
-        num_classes=meta["num_classes"],
-        input_shape=tuple(meta["input_shape"]),
-        class_names=tuple(meta["class_names"]),
-        width=tp.width,
-        stem_stride=tp.stem_stride,
+        family=tp.family, arch=tp.arch, spatial_dims=meta["spatial_dims"], in_channels=meta["in_channels"],
+        num_classes=meta["num_classes"], input_shape=tuple(meta["input_shape"]),
+        class_names=tuple(meta["class_names"]), width=tp.width, stem_stride=tp.stem_stride,
+        feature_size=tp.svm.feature_size,
     )
-    device = configure_torch(params)
-    output.mkdir(parents=True, exist_ok=True)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    history_path.parent.mkdir(parents=True, exist_ok=True)
+    device = configure_torch(info.seed, tp)
+    for folder in (output, checkpoints, history_path.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+    data_hash = provenance.data_hash(inputs)
+    own = {"train": tp.model_dump(mode="json"), "base": {"seed": info.seed}}
+    upstream = _upstream_params(inputs, ingest_summary)
+    record = {"params_hash": provenance.params_hash([own, upstream]), "data_hash": data_hash}
 
-    def open_run(ckpt: dict | None) -> str:
-        if ckpt is not None and ckpt.get("run_id"):
-            return ckpt["run_id"]
-        run_params = tracking.flatten(params.model_dump(mode="json"))
+    def open_run() -> str:
+        run_params = {**tracking.flatten(own), **upstream, "base.dataset": info.dataset,
+                      "base.experiment": info.experiment, "base.sweep": info.sweep}  # fmt: skip
         run_params.update({f"data.n_{k}": v for k, v in meta["counts"].items()})
         run_params["data.input_shape"] = meta["input_shape"]
-        rid = tracking.start_run(
-            params.base.experiment, f"{params.base.dataset}-{spec.family}-{spec.arch}-seed{params.base.seed}",
-            _run_tags(params, spec), run_params, sweep=params.base.sweep,
-        )
+        tags = {
+            "git_commit": provenance.git_commit(), "dvc_data_hash": data_hash, "dataset": info.dataset,
+            "model_family": spec.family, "arch": spec.arch, "spatial_dims": str(spec.spatial_dims),
+            "params_hash": record["params_hash"],
+        }
+        rid = tracking.start_run(info.experiment, f"{info.dataset}-{spec.family}-{spec.arch}-seed{info.seed}", tags,
+                                 run_params, sweep=info.sweep)  # fmt: skip
         artifacts = [inputs / "meta.json"]
         if ingest_summary:  # the ingest summary and its PS3.15 de-identification audit (counts, no values)
             artifacts += [f for f in (ingest_summary, ingest_summary.parent / "deid_audit.json") if f.exists()]
         tracking.log_artifacts(rid, artifacts, artifact_path="data")
         if ingest_summary and ingest_summary.exists():
             summary = json.loads(ingest_summary.read_text())
-            tracking.log_metrics(rid, {f"ingest_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+            tracking.log_metrics(rid, {f"ingest_{k}": v for k, v in summary.items()
+                                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return rid
-
-    def on_epoch(rid: str, record: dict[str, float]) -> None:
-        tracking.log_metrics(rid, {k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
 
     t0 = time.perf_counter()
     if tp.family == "svm":
-        rid = open_run(None)
-        clf, best_val = fit_svm(params, data)
+        rid = open_run()
+        clf, best_val = fit_svm(tp, data, info.seed, positive_class)
         import joblib
 
         joblib.dump(clf, output / "model.joblib")
         history, best_epoch, resumed_from = [{"epoch": 1, **best_val}], 1, None
         tracking.log_metrics(rid, best_val, step=1)
     else:
-        fp = fingerprint(params, inputs)
-        best_state, best_epoch, best_val, history, rid, resumed_from = fit_torch(
-            params, spec, data, device, checkpoints, fp, open_run, on_epoch
-        )
-        torch.save(best_state, output / "model.pt")
+        job = TorchFit(tp, spec, data, info.seed, positive_class, device, checkpoints,
+                       fingerprint(tp, info.seed, data_hash))  # fmt: skip
+        ckpt = job.resume()
+        rid = ckpt["run_id"] if ckpt is not None and ckpt.get("run_id") else open_run()
+
+        def on_epoch(rec: dict[str, float]) -> None:
+            tracking.log_metrics(rid, {k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
+
+        state = job.fit(job.state.resumed_from or 0, on_epoch, {"run_id": rid})
+        history, best_epoch, best_val, resumed_from = state.history, state.best_epoch, state.best_val, \
+            state.resumed_from  # fmt: skip
+        torch.save(state.best_state, output / "model.pt")
     spec.save(output / "model.json")
     (output / "val_metrics.json").write_text(json.dumps({**best_val, "best_epoch": best_epoch}, indent=2) + "\n")
-    tracking.write_run_file(output, rid)
+    (output / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+    (output / "mlflow_run.json").unlink(missing_ok=True)  # an earlier layout's run-id file: outputs hold no run ids
+    tracking.tag_model(rid, weights_hash(output))
     with history_path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(history[0].keys()))
+        w = csv.DictWriter(fh, fieldnames=list(history[0].keys()), lineterminator="\n")
         w.writeheader()
         w.writerows(history)
     tracking.log_metrics(rid, {"best_epoch": best_epoch, "train_minutes": (time.perf_counter() - t0) / 60})
@@ -365,6 +185,8 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tasks.config import load_params_or_exit
+
     ap = argparse.ArgumentParser(prog="python -m tasks.train", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--input", type=Path, default=Path("data/preprocessed"))
@@ -374,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ingest-summary", type=Path, default=Path("data/ingested/summary.json"))
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
-    res = run(params, args.input, args.output, args.checkpoints, args.history, args.ingest_summary)
+    info = RunInfo(experiment=params.base.experiment, dataset=params.base.dataset, sweep=params.base.sweep,
+                   seed=params.base.seed)  # fmt: skip
+    res = run(params.train, args.input, args.output, args.checkpoints, args.history, args.ingest_summary, info)
     val = ", ".join(f"{k} {v:.4f}" for k, v in res.val_metrics.items())
     print(f"train: {res.spec.family}/{res.spec.arch} best epoch {res.best_epoch}: {val} (MLflow run {res.run_id})")
 

@@ -19,7 +19,7 @@ import pytest
 
 from tasks import ingest
 from tasks.config import DeidParams
-from tasks.deid import Pseudonymizer
+from tasks.dicom.pseudonym import Pseudonymizer
 from tasks.dicom import DicomError, DicomImage, read_dicom
 from tasks.dicom.profile import deidentify
 
@@ -182,7 +182,7 @@ def _corpus_file(name: str) -> Path:
 
 
 def test_enhanced_multiframe_is_a_volume_from_its_per_frame_geometry() -> None:
-    from tasks.series import stack_series
+    from tasks.dicom.series import stack_series
 
     im = read_dicom(_corpus_file("eCT_Supplemental.dcm"))  # enhanced CT: per-frame functional groups
     assert im.frame_positions is not None and len(im.frame_positions) == im.n_frames == 2

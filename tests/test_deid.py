@@ -1,4 +1,4 @@
-"""tasks.deid: keyed pseudonyms, UID remapping, per-patient date shifts, and where the secret comes from."""
+"""tasks.dicom.pseudonym: keyed pseudonyms, UID remapping, per-patient date shifts, and where the secret comes from."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tasks.config import DeidParams
-from tasks.deid import DEVELOPMENT_SOURCE, Pseudonymizer
+from tasks.dicom.pseudonym import DEVELOPMENT_SOURCE, Pseudonymizer
 
 
 def _pz(secret: str | None = "s3cret", **params) -> Pseudonymizer:

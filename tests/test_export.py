@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import coreml, export, tracking
+from tasks import export, tracking
+from tasks.coreml import convert as coreml
 from tasks.config import Params, load_params
-from tasks.models import ModelSpec, load_trained
+from tasks.models.networks import ModelSpec, load_trained
 from tests._fake import make_preprocessed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ def make_trained(root: Path, spec: ModelSpec = SPEC_2D, val_auc: float = 0.8, se
     mlflow_run.json (a new RUNNING run in the current tracking store)."""
     import torch
 
-    from tasks.models import build_model
+    from tasks.models.networks import build_model
 
     out = root / "model"
     out.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ import pytest
 
 from tasks import ingest
 from tasks.config import ParamsError, load_params
-from tasks.deid import Pseudonymizer
+from tasks.dicom.pseudonym import Pseudonymizer
 from tasks.dicom import read_dicom
-from tasks.split import check_patient_disjoint
+from tasks.sources.split import check_patient_disjoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import ingest, medmnist, preprocess
+from tasks import ingest, preprocess
+from tasks.sources import medmnist
 from tasks.config import ParamsError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/medmnist"

@@ -94,7 +94,7 @@ def test_flow_runs_every_stage_and_registers_champion(repo, first_run, monkeypat
     spec = ct.utils.load_spec(str(pkg))
     assert set(spec.description.metadata.userDefined) >= {"mlflow_run_id", "git_commit"}
     assert spec.description.metadata.userDefined["mlflow_run_id"] == run_id
-    from tasks.coreml import inspect_package
+    from tasks.coreml.convert import inspect_package
 
     assert inspect_package(pkg)["class_labels"] == ["normal", "lesion"]
 
@@ -152,7 +152,7 @@ def test_no_identifying_value_of_the_cohort_reaches_any_output(repo, first_run):
     store (params, tags, metrics, artifacts, registry) and the exported Core ML / ONNX models, plus every log line
     and print of the run, hold none of the input cohort's identifying values."""
     from tasks.config import load_params
-    from tasks.deid import Pseudonymizer
+    from tasks.dicom.pseudonym import Pseudonymizer
 
     pseudo = Pseudonymizer.from_params(load_params(repo / "params.yaml").ingest.deid)
     values = _identifying_values(repo / "data/synthetic/dicom", pseudo)

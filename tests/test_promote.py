@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tasks import export, promote, tracking
-from tasks.models import ModelSpec, load_trained
+from tasks.models.networks import ModelSpec, load_trained
 from tests._fake import make_preprocessed
 from tests.test_export import make_trained, tiny_params
 
@@ -111,7 +111,7 @@ def test_decide(value: float, champion: str | None, champion_value: float | None
     ],
 )
 def test_pyfunc_input_forms(make) -> None:
-    from tasks.coreml_pyfunc import as_batch
+    from tasks.coreml.pyfunc import as_batch
 
     x = np.random.default_rng(0).random((3, 1, 8, 8)).astype(np.float32)
     got = as_batch(make(x), (1, 8, 8))

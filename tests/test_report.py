@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import report, tracking
+from tasks import tracking
+from tasks.reporting import report
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""tasks.series: ordering slices along the normal, refusing what cannot be one volume, choosing series."""
+"""tasks.dicom.series: ordering slices along the normal, refusing what cannot be one volume, choosing series."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from tasks.config import SeriesParams
 from tasks.dicom import DicomImage, SourceIds
-from tasks.series import SERIES_REASONS, SeriesError, orientation_of, select_series, stack_series
+from tasks.dicom.series import SERIES_REASONS, SeriesError, orientation_of, select_series, stack_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # normal +y

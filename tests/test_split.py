@@ -1,11 +1,11 @@
-"""tasks.split: patient-grouped, label-stratified, seeded splits."""
+"""tasks.sources.split: patient-grouped, label-stratified, seeded splits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tasks.split import check_patient_disjoint, split_by_patient
+from tasks.sources.split import check_patient_disjoint, split_by_patient
 
 
 def _cohort(n_patients: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ importing it is cheap).
 * :mod:`tasks.dicom.read`: one file to a :class:`DicomImage`: pixels after the Modality LUT (HU for CT), colour
   converted to RGB, the non-identifying geometry needed to build a volume (including the per-frame functional
   groups of enhanced multi-frame objects), and the few identifying values (:class:`SourceIds`) that the caller
-  pseudonymises (:mod:`tasks.deid`) before anything is written. Failures are :class:`DicomError` with a stable
+  pseudonymises (:mod:`tasks.dicom.pseudonym`) before anything is written. Failures are :class:`DicomError` with a stable
   reason.
 * :mod:`tasks.dicom.profile`: the DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile applied
   to a data set, with its options, and the audit counts per action.

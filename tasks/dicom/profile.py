@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from tasks.config import DeidParams
-from tasks.deid import Pseudonymizer
+from tasks.dicom.pseudonym import Pseudonymizer
 
 PROFILE_TABLE = "dicomfields_2026c"
 _RESOLVE = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "D", "X_Z_TAGS": "Z",

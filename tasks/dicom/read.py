@@ -64,7 +64,7 @@ class DicomError(Exception):
 
 @dataclass(frozen=True)
 class SourceIds:
-    """Identifying values read from the file. Never write them anywhere: pseudonymise with :mod:`tasks.deid`.
+    """Identifying values read from the file. Never write them anywhere: pseudonymise with :mod:`tasks.dicom.pseudonym`.
 
     Attributes:
         patient_id: (0010,0020) PatientID, "" when absent.

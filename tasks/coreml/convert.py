@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.models import ModelSpec
+from tasks.models.networks import ModelSpec
 
 if TYPE_CHECKING:
     import coremltools as ct

@@ -29,6 +29,7 @@ class ModelSpec:
         class_names: label names, index = class id.
         width: ResNet widen factor (1.0 = MONAI's 64/128/256/512 channels).
         stem_stride: stride of the ResNet's first convolution.
+        feature_size: the SVM's pooled size per spatial axis (``train.svm.feature_size``).
     """
 
     family: str
@@ -40,6 +41,7 @@ class ModelSpec:
     class_names: tuple[str, ...] = field(default_factory=tuple)
     width: float = 1.0
     stem_stride: int = 1
+    feature_size: int = 16
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -117,6 +119,19 @@ def build_model(spec: ModelSpec) -> nn.Module:
     raise ValueError(f"train.family: {spec.family!r} is not a torch model family")
 
 
+def weights_hash(model_dir: Path) -> str:
+    """The sha256 of the trained weights in ``model_dir`` (model.pt, or model.joblib for the SVM).
+
+    The MLflow run that trained a model is tagged with it, so later stages find the run from the model itself.
+    """
+    import hashlib
+
+    for name in ("model.pt", "model.joblib"):
+        if (model_dir / name).exists():
+            return hashlib.sha256((model_dir / name).read_bytes()).hexdigest()
+    raise FileNotFoundError(f"{model_dir}: no model.pt or model.joblib (did the train stage finish?)")
+
+
 def load_trained(model_dir: Path) -> tuple[ModelSpec, object]:
     """Rebuild the trained model in ``model_dir`` (model.json + model.pt, or model.joblib for the SVM).
 
@@ -138,7 +153,7 @@ def load_trained(model_dir: Path) -> tuple[ModelSpec, object]:
     return spec, model.eval()
 
 
-def predict_proba(model: object, spec: ModelSpec, x, batch_size: int = 64, svm_feature_size: int = 16):
+def predict_proba(model: object, spec: ModelSpec, x, batch_size: int = 64):
     """Class probabilities for preprocessed inputs.
 
     Args:
@@ -146,7 +161,6 @@ def predict_proba(model: object, spec: ModelSpec, x, batch_size: int = 64, svm_f
         spec: its spec.
         x: array or tensor (N, C, *S), values in [0, 1] (float16 or float32).
         batch_size: inference batch size (torch models).
-        svm_feature_size: pooling size of the SVM features (``train.svm.feature_size``).
 
     Returns:
         float64 numpy array (N, num_classes).
@@ -155,9 +169,9 @@ def predict_proba(model: object, spec: ModelSpec, x, batch_size: int = 64, svm_f
     import torch
 
     if spec.family == "svm":
-        from tasks.svm import pool_features
+        from tasks.models.svm import pool_features
 
-        return model.predict_proba(pool_features(np.asarray(x, np.float32), svm_feature_size))
+        return model.predict_proba(pool_features(np.asarray(x, np.float32), spec.feature_size))
     device = next(model.parameters()).device
     out = []
     with torch.inference_mode():

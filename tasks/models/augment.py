@@ -10,21 +10,11 @@ batched :class:`monai.networks.layers.AffineTransform`, and intensity scale/shif
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    flip_prob: float = 0.5
-    affine_prob: float = 0.5  # share of samples that get the random rotation/scale/shift
-    rotate_deg: float = 10.0
-    scale: float = 0.1
-    translate: float = 0.05
-    intensity_scale: float = 0.1
-    intensity_shift: float = 0.05
+from tasks.config import AugmentParams
 
 
 def _rotation(angles: torch.Tensor, spatial_dims: int) -> torch.Tensor:
@@ -52,13 +42,13 @@ def _warp():
                            padding_mode="zeros")
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, gen: torch.Generator, cfg: AugmentParams = AugmentParams()) -> torch.Tensor:
     """Randomly flip, rotate/scale/translate and intensity-jitter a batch.
 
     Args:
         x: float32 (B, C, H, W) or (B, C, D, H, W), values in [0, 1].
         gen: CPU generator that draws every random number (seeded by the caller).
-        cfg: magnitudes.
+        cfg: magnitudes (``train.augmentation``).
 
     Returns:
         Tensor of the same shape and dtype, clipped to [0, 1].

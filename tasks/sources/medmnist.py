@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from tasks.config import IngestParams
-    from tasks.ingest import ImageRecord
+    from tasks.sources.records import ImageRecord
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
@@ -113,21 +112,25 @@ def load(path: Path) -> tuple[dict[str, MedMNISTSplit], dict[str, int]]:
     return splits, info
 
 
-def collect(params: IngestParams, progress: bool = True) -> tuple[Path, int, list[ImageRecord], list[str]]:
+def collect(path: Path, progress: bool = True) -> tuple[int, list[ImageRecord], list[str]]:
     """Read a MedMNIST file into ingest's image records, keeping the official splits.
 
     MedMNIST publishes no patient identifiers, so each image is its own pseudonymous "patient" (``mm-<split>-<i>``):
     the official splits are kept as published, and bootstrap intervals resample images.
 
+    Args:
+        path: the official ``.npz`` (``ingest.input``; :func:`resolve` finds one by name in ``$MEDMNIST_ROOT``).
+
     Returns:
-        (the .npz path, images found, records with ``split`` and ``label`` set, warnings). ``pixels`` are uint8,
+        (images found, records with ``split`` and ``label`` set, warnings). ``pixels`` are uint8,
         (*S) for one channel or (C, *S) channel-first for RGB.
     """
     from tqdm import tqdm
 
-    from tasks.ingest import ImageRecord
+    from tasks.sources.records import ImageRecord
 
-    path = resolve(params.medmnist_path, params.medmnist_name, params.medmnist_size)
+    if not Path(path).is_file():
+        raise MedMNISTError(f"ingest.input: {path} is not a file (give the official MedMNIST .npz)")
     splits, info = load(path)
     records: list[ImageRecord] = []
     total = sum(len(s.labels) for s in splits.values())
@@ -143,4 +146,4 @@ def collect(params: IngestParams, progress: bool = True) -> tuple[Path, int, lis
             ))  # fmt: skip
             bar.update()
     bar.close()
-    return path, total, records, []
+    return total, records, []

@@ -51,7 +51,7 @@ class SeriesError(ValueError):
 
     def __init__(self, reason: str, detail: str) -> None:
         if reason not in SERIES_REASONS:
-            raise ValueError(f"unknown SeriesError reason {reason!r}; add it to tasks.series.SERIES_REASONS")
+            raise ValueError(f"unknown SeriesError reason {reason!r}; add it to tasks.dicom.series.SERIES_REASONS")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

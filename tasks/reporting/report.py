@@ -1,7 +1,7 @@
 """The results table of a sweep, regenerated from the tracked MLflow runs: Markdown, LaTeX and a ROC plot.
 
-    python -m tasks.report --sweep adrenalmnist3d-28-benchmark --experiment medmnist-benchmark
-    python -m tasks.report --sweep seeds-2026-11 --out reports/results     # a `dvc exp run --queue` grid
+    python -m tasks.reporting.report --sweep adrenalmnist3d-28-benchmark --experiment medmnist-benchmark
+    python -m tasks.reporting.report --sweep seeds-2026-11 --out reports/results     # a `dvc exp run --queue` grid
 
 Runs nested under the sweep's parent run are grouped by configuration (every param but the seed); each group
 gets test AUC and ACC as mean ± sd over seeds with the per-seed bootstrap 95% CIs, and, for a MedMNIST set, the
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import tracking
-from tasks.paper import paper_rows
+from tasks.reporting.paper import paper_rows
 
 IGNORED_PARAMS = ("base.seed", "base.sweep")
 
@@ -158,7 +158,7 @@ def run(experiment: str, sweep: str, output: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tasks.reporting.report", description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", required=True, help="the sweep name (base.sweep of its runs)")
     ap.add_argument("--experiment", default="medpipe", help="MLflow experiment (base.experiment)")
     ap.add_argument("--out", type=Path, default=Path("reports/results"))

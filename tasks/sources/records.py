@@ -1,0 +1,29 @@
+"""The records every source hands to ingest: one image (a DICOM series, a MedMNIST sample, ...) with its fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ImageRecord:
+    """One output image (a series): pixels plus its manifest fields."""
+
+    image_id: str
+    patient_id: str
+    study_id: str
+    series_uid: str
+    study_date: str
+    pixels: np.ndarray
+    spacing: list[float] | None
+    modality: str
+    unit: str
+    files: list[str]
+    label_value: str | None = field(repr=False)
+    label: int | None = None
+    split: str = ""
+    channels: int = 1  # > 1: pixels are channel-first (C, *S)
+    selection: str = ""  # why the series was used (tasks.dicom.series.select_series)
+
