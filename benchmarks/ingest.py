@@ -5,9 +5,11 @@
     python benchmarks/ingest.py --corpora --input /path/to/dicom  # only a folder of your own
 
 Corpora: ``pydicom-data`` (the 68 files of the PyPI package pydicom-data, module ``data_store``), ``default-cohort``
-(``ingest.dicom_dir``, the synthetic cohort of ``python -m tasks.synth``; generated into a temporary folder when
-absent, with ``--limit`` only enough patients for N files) and every ``--input DIR``. Ingest reads each corpus in
-place, unlabelled (``ingest.labels_csv: null``), with ``--workers`` processes (default: all cores), and writes into a
+(``ingest.input``, the synthetic cohort of ``python -m tasks.synth``; generated into a temporary folder when
+absent, with ``--limit`` only enough patients for N files; its label table ``ingest.labels_csv``, which lives in the
+folder, is not part of the corpus: the corpus is then a tree of links to the other files) and every ``--input DIR``.
+Ingest reads each corpus in place, unlabelled (``ingest.labels_csv: null``), with ``--workers`` processes (default:
+all cores), and writes into a
 temporary folder; its time includes reading, validation, de-identification, series stacking, the patient split and
 writing the arrays (unlabelled, a corpus too small for a patient split is written without one). Colour is converted
 (``ingest.color: rgb``), so that ingest decodes what the bare loop decodes. An ingest that raises is reported as
@@ -35,6 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.medmnist import parse_sets  # noqa: E402
 from tasks.config import Params, load_params  # noqa: E402
 
 BUILTIN = ("pydicom-data", "default-cohort")
@@ -70,29 +73,35 @@ def warm_imports() -> None:
     import tasks.ingest  # noqa: F401
 
 
-def corpus_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+def corpus_files(folder: Path, exclude: frozenset[Path] = frozenset()) -> list[Path]:
+    """Every regular file under ``folder`` (sorted), except those in ``exclude``."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p not in exclude)
 
 
-def default_cohort(params: Params, tmp: Path, limit: int | None) -> Path:
-    """``ingest.dicom_dir`` if it holds files, else a freshly generated cohort (with ``--limit``: only enough
-    patients for ``limit`` files, each patient having at least one)."""
-    folder = Path(params.ingest.dicom_dir)
+def default_cohort(params: Params, tmp: Path, limit: int | None) -> tuple[Path, frozenset[Path]]:
+    """``ingest.input`` if it holds files, else a freshly generated cohort (with ``--limit``: only enough
+    patients for ``limit`` files, each patient having at least one); with its label table, which is no DICOM file
+    and not part of the corpus."""
+    folder = Path(params.ingest.input)
     folder = folder if folder.is_absolute() else REPO / folder
-    if folder.is_dir() and corpus_files(folder):
+    if not (folder.is_dir() and corpus_files(folder)):
+        from tasks import synth
+
+        sp = params.synth if limit is None else params.synth.model_copy(update={"n_patients": max(4, limit)})
+        print(f"{folder} is absent: generating {sp.n_patients} synthetic patients into {tmp / 'synthetic'}",
+              flush=True)
+        folder = synth.run(sp, tmp / "synthetic", progress=True).dicom_dir
+    labels = params.ingest.labels_csv
+    return folder, frozenset({folder / labels} if labels else ())
+
+
+def limited(folder: Path, limit: int | None, tmp: Path, exclude: frozenset[Path] = frozenset()) -> Path:
+    """``folder`` itself, or a tree of symlinks to its first ``limit`` files (sorted; ingest follows links) and,
+    when ``exclude`` names files there, to all the others."""
+    files = corpus_files(folder, exclude)
+    if limit is None and len(files) == len(corpus_files(folder)):
         return folder
-    from tasks import synth
-
-    sp = params.synth if limit is None else params.synth.model_copy(update={"n_patients": max(4, limit)})
-    print(f"{folder} is absent: generating {sp.n_patients} synthetic patients into {tmp / 'synthetic'}", flush=True)
-    return synth.run(sp, tmp / "synthetic", progress=True).dicom_dir
-
-
-def limited(folder: Path, limit: int | None, tmp: Path) -> Path:
-    """``folder`` itself, or a tree of symlinks to its first ``limit`` files (sorted; ingest follows links)."""
-    if limit is None:
-        return folder
-    for f in corpus_files(folder)[:limit]:
+    for f in files[:limit]:
         link = tmp / f.relative_to(folder)
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(f)
@@ -108,8 +117,15 @@ def bench_corpus(name: str, folder: Path, params: Params, repeats: int, work: Pa
     files = corpus_files(folder)
     mb = sum(f.stat().st_size for f in files) / 1e6
     workers = params.ingest.workers
+
+    ip = params.ingest.model_copy(update={"labels_csv": None})  # unlabelled, whatever folder this is
+
+    def run_ingest() -> Any:
+        return ingest.run(ip, work / "out", class_names=params.base.class_names,
+                          split_seed=params.base.split_seed, input_path=folder, labels_csv=None, progress=False)
+
     methods: dict[str, Callable[[], Any]] = {
-        "ingest": lambda: ingest.run(params, work / "out", input_dir=folder, labels_csv=None, progress=False),
+        "ingest": run_ingest,
         "bare 1 proc": lambda: bare_loop(files, 1),
         f"bare {workers} procs": lambda: bare_loop(files, workers),
     }
@@ -178,25 +194,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
     # colour converted, not rejected: ingest then decodes every file the bare loop decodes (like for like)
-    overrides = {"ingest.color": "rgb", **dict(kv.split("=", 1) for kv in args.set), "ingest.labels_csv": None,
-                 "ingest.workers": args.workers}
-    params = load_params(args.params, overrides)
+    overrides = {"ingest.color": "rgb", **parse_sets(args.set), "ingest.workers": args.workers}
+    params = load_params(args.params, overrides)  # ingest.labels_csv as set: the default cohort's table is excluded
     warm_imports()
     results = []
     with tempfile.TemporaryDirectory(prefix="medpipe-ingest-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        corpora: list[tuple[str, Path]] = []
+        corpora: list[tuple[str, Path, frozenset[Path]]] = []
         if "pydicom-data" in args.corpora:
             import data_store
 
-            corpora.append(("pydicom-data", Path(data_store.__file__).parent / "data"))
+            corpora.append(("pydicom-data", Path(data_store.__file__).parent / "data", frozenset()))
         if "default-cohort" in args.corpora:
-            corpora.append(("default-cohort", default_cohort(params, tmp, args.limit)))
-        corpora += [(str(p), p) for p in args.input]
-        for i, (name, folder) in enumerate(corpora):
+            corpora.append(("default-cohort", *default_cohort(params, tmp, args.limit)))
+        corpora += [(str(p), p, frozenset()) for p in args.input]
+        for i, (name, folder, exclude) in enumerate(corpora):
             work = tmp / f"corpus{i}"
-            results.append(bench_corpus(name, limited(folder, args.limit, work / "in"), params, args.repeats, work))
+            corpus = limited(folder, args.limit, work / "in", exclude)
+            results.append(bench_corpus(name, corpus, params, args.repeats, work))
             results[-1]["path"] = str(folder)
+            results[-1]["excluded"] = sorted(str(p.relative_to(folder)) for p in exclude)
     print()
     print(format_table(results))
     if args.out:

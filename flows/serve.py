@@ -1,29 +1,44 @@
 """A scheduled deployment of the pipeline flow, served by this process.
 
-    python -m flows.serve                     # nightly at 02:00 (cron "0 2 * * *"), until Ctrl-C
+    python -m flows.serve                     # nightly at 02:00 UTC (cron "0 2 * * *"), until Ctrl-C
     python -m flows.serve --cron "0 */6 * * *"
 
-It needs a Prefect API to register with: start one with ``prefect server start`` and set
-``PREFECT_API_URL=http://127.0.0.1:4200/api`` (the UI is then at http://127.0.0.1:4200). For a work pool on a real
-server, ``prefect deploy --all`` uses the same definition from ``prefect.yaml``.
+A scheduled run passes no overrides, so it runs what is in the repository's params.yaml (the committed settings; the
+flow itself never writes that file). It needs a Prefect API to register with: start one with
+``prefect server start`` and set ``PREFECT_API_URL=http://127.0.0.1:4200/api`` (the UI is then at
+http://127.0.0.1:4200). For a work pool on a real server, ``prefect deploy --all`` uses the same definition from
+``prefect.yaml`` (tests/test_flow.py checks that the two agree).
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from flows.pipeline import pipeline
 
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+NAME = "medpipe-nightly"
 DEFAULT_CRON = "0 2 * * *"
+TIMEZONE = "UTC"
 
 
-def build_deployment(cron: str = DEFAULT_CRON, repo: str = "."):
-    """The deployment object: the pipeline flow on a cron schedule (no server needed to build it)."""
+def build_deployment(cron: str = DEFAULT_CRON, repo: str = ".") -> RunnerDeployment:
+    """The deployment object: the pipeline flow on a cron schedule (in UTC), no overrides (no server needed).
+
+    Args:
+        cron: a five-field cron expression.
+        repo: the medpipe repository the scheduled runs work in.
+    """
+    from prefect.schedules import Cron
+
     return pipeline.to_deployment(
-        name="medpipe-nightly",
-        cron=cron,
+        name=NAME,
+        schedule=Cron(cron, timezone=TIMEZONE),
         parameters={"repo": repo},
-        description="Nightly medpipe run: DVC decides which stages rerun.",
+        description="Nightly medpipe run of the committed params.yaml; DVC decides which stages rerun.",
         tags=["medpipe"],
     )
 

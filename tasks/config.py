@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -99,17 +99,22 @@ class IngestParams(_Strict):
     multiframe: Literal["stack", "split"] = "stack"  # a multi-frame instance: one volume, or one image per frame
     workers: int = Field(2, ge=1)
 
+    @field_validator("labels_csv")
+    @classmethod
+    def _labels_inside_input(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = PurePosixPath(value.replace("\\", "/")).parts
+            if not parts or PurePosixPath(value).is_absolute() or ".." in parts or ":" in parts[0]:
+                raise ValueError(
+                    f"{value!r} must be a relative path inside ingest.input (e.g. labels.csv), so that the label "
+                    "table is part of the stage's one DVC dependency; copy it into the data folder"
+                )
+        return value
+
     @model_validator(mode="after")
-    def _inputs(self) -> IngestParams:
+    def _medmnist_has_no_label_table(self) -> IngestParams:
         if self.source == "medmnist" and self.labels_csv is not None:
             raise ValueError("labels_csv: a MedMNIST .npz carries its own labels; set labels_csv: null")
-        if self.labels_csv is not None:
-            parts = PurePosixPath(self.labels_csv.replace("\\", "/")).parts
-            if not parts or PurePosixPath(self.labels_csv).is_absolute() or ".." in parts:
-                raise ValueError(
-                    f"labels_csv: {self.labels_csv!r} must be a relative path inside ingest.input (e.g. labels.csv), "
-                    "so that the label table is part of the stage's DVC dependency; copy it into the data folder"
-                )
         return self
 
 
@@ -146,17 +151,17 @@ class SvmParams(_Strict):
 class TrainParams(_Strict):
     family: Literal["cnn", "rnn", "svm"] = "cnn"
     arch: Literal["resnet10", "resnet18", "resnet34", "densenet121"] = "resnet18"
-    width: float = Field(1.0, gt=0, le=4)  # ResNet widen factor: 0.25 -> 16/32/64/128 channels
+    width: float = Field(0.5, gt=0, le=4)  # ResNet widen factor: 0.25 -> 16/32/64/128 channels
     stem_stride: int = Field(1, ge=1, le=4)  # ResNet stem stride: 2 halves every feature map (4x/8x fewer FLOPs)
-    epochs: int = Field(6, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
     warmup_epochs: int = Field(1, ge=0)  # linear LR warm-up, then cosine decay to 0 (per optimiser step)
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-2, ge=0)
     augment: bool = True
     augmentation: AugmentParams = AugmentParams()
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    ema: float = Field(0.0, ge=0, lt=1)  # decay of an exponential moving average of the weights; 0 = off
+    ema: float = Field(0.98, ge=0, lt=1)  # decay of an exponential moving average of the weights; 0 = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0)
     # the validation metric that picks the epoch; loss = cross-entropy (lower is better), steadier on small splits
@@ -188,7 +193,11 @@ class PromoteParams(_Strict):
 
 
 class Params(_Strict):
-    """All of params.yaml. Each stage reads ``params.base`` and its own group."""
+    """All of params.yaml. Each stage reads its own group and the few ``base`` keys dvc.yaml lists for it.
+
+    The defaults here equal params.yaml's values (tests/test_config.py checks it), so code that builds a group
+    without a file (a test, a notebook) gets what the pipeline gets.
+    """
 
     base: BaseParams = BaseParams()
     synth: SynthParams = SynthParams()
@@ -213,7 +222,8 @@ def _describe(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key (not in the schema; check the spelling)"
-    return f"{key}: {msg} (got {err.get('input')!r})"
+    got = err.get("input")
+    return f"{key}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})")
 
 
 def validate_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
@@ -238,6 +248,10 @@ def _yaml(typ: str = "rt"):
 
     yaml = YAML(typ=typ)
     yaml.preserve_quotes = True
+    if typ == "rt":  # write None as `null` (ruamel's round trip writes an empty value), as params.yaml spells it
+        yaml.representer.add_representer(
+            type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+        )
     return yaml
 
 

@@ -61,14 +61,30 @@ class IngestResult:
     summary: dict[str, Any]
 
 
+OUTPUT_NAMES = ("arrays", "dicom", "manifest.csv", "quarantine.csv", "summary.json", "deid_audit.json")
+
+
 def _prepare_output(output: Path) -> None:
-    if output.exists() and any(output.iterdir()) and not (output / "summary.json").exists():
-        raise FileExistsError(f"{output} is not empty and holds no summary.json: not an ingest output; refusing")
+    """Empty ``output`` of a previous ingest's files, so that nothing stale (a DICOM run's deid_audit.json under a
+    MedMNIST run, arrays of images no longer in the manifest) survives into this one.
+
+    A folder holding anything else is refused unless it holds a summary.json (an ingest output with extra files);
+    an interrupted ingest leaves only these names, so its folder is accepted again.
+    """
     import shutil
 
-    for previous in ("arrays", "dicom"):
-        if (output / previous).exists():
-            shutil.rmtree(output / previous)
+    if output.exists():
+        foreign = sorted(p.name for p in output.iterdir() if p.name not in OUTPUT_NAMES)
+        if foreign and not (output / "summary.json").exists():
+            raise FileExistsError(
+                f"{output} holds {foreign[:3]} and no summary.json: not an ingest output; refusing to write there"
+            )
+        for name in OUTPUT_NAMES:
+            previous = output / name
+            if previous.is_dir():
+                shutil.rmtree(previous)
+            elif previous.exists():
+                previous.unlink()
     (output / "arrays").mkdir(parents=True)
 
 
@@ -111,18 +127,25 @@ def run(
         The output paths and the summary written to summary.json.
 
     Raises:
-        ValueError: a bad label table, or too few patients to split.
+        ValueError: a bad label table, too few patients to split, or an output folder that holds the input.
         FileNotFoundError: the input or the label table does not exist.
+        FileExistsError: ``output`` holds other files and is not an ingest output.
     """
     output = Path(output)
     pseudo = Pseudonymizer.from_params(ip.deid)
     input_path = Path(input_path or ip.input)
-    if labels_csv is None and ip.labels_csv is not None and input_path == Path(ip.input):
+    if output.resolve() == input_path.resolve() or output.resolve() in input_path.resolve().parents:
+        raise ValueError(f"output {output} holds the input {input_path}: ingest replaces its output folder; "
+                         "choose another output")  # fmt: skip
+    if labels_csv is None and ip.labels_csv is not None:
+        # inside the folder ingested, however it is spelled (main() sets labels_csv null for another folder)
         labels_csv = input_path / ip.labels_csv
     table: dict[str, int] | None = None
     if labels_csv is not None:  # read first: a bad table fails before any DICOM is decoded
         if not Path(labels_csv).is_file():
-            raise FileNotFoundError(f"{labels_csv}: label table not found (ingest.labels_csv or --labels)")
+            raise FileNotFoundError(
+                f"{labels_csv}: label table not found (ingest.labels_csv, relative to ingest.input, or --labels)"
+            )
         table = read_labels(Path(labels_csv), ip.label_key, ip.label_column, len(class_names) if class_names else None)
 
     if ip.source == "dicom":
@@ -148,8 +171,10 @@ def run(
             raise ValueError(str(exc)) from None
         quarantine, audit = [], None
         if class_names and max(im.label for im in images) >= len(class_names):
-            raise ValueError(f"base.class_names: {len(class_names)} names, but {input_path} has labels up to "
-                             f"{max(im.label for im in images)}; give one name per class or null (from the data)")
+            raise ValueError(
+                f"base.class_names: {len(class_names)} names, but {input_path} has labels up to "
+                f"{max(im.label for im in images)}; give one name per class or null (from the data)"
+            )
 
     unmatched = 0
     if table is not None:
@@ -214,8 +239,11 @@ def run(
         labels_csv=labels_csv and portable_path(labels_csv),
         labels_unmatched=unmatched,
         # what made this output (train logs it with its own params); workers change nothing in it
-        params={**ip.model_dump(mode="json", exclude={"workers"}), "input": portable_path(input_path),
-                "split_seed": split_seed},
+        params={
+            **ip.model_dump(mode="json", exclude={"workers"}),
+            "input": portable_path(input_path),
+            "split_seed": split_seed,
+        },
     )
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return IngestResult(output, output / "manifest.csv", output / "quarantine.csv", summary)
@@ -294,8 +322,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"ingest: {args.input} without labels (give --labels CSV to label it)", file=sys.stderr)
         ip = ip.model_copy(update={"input": str(args.input), "labels_csv": None})
     try:
-        result = run(ip, args.output, class_names=params.base.class_names, split_seed=params.base.split_seed,
-                     input_path=args.input, labels_csv=args.labels)
+        result = run(
+            ip,
+            args.output,
+            class_names=params.base.class_names,
+            split_seed=params.base.split_seed,
+            input_path=args.input,
+            labels_csv=args.labels,
+        )
     except (ValueError, OSError, NotImplementedError) as exc:  # bad inputs: say which, without a traceback
         print(f"ingest: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -7,7 +7,8 @@ MONAI dictionary transforms, driven by params: load the array, add a channel axi
 ``<output>/{split}_x.npy``  float16 (N, C, *spatial_size), values in [0, 1]
 ``<output>/{split}_y.npy``  int64 (N,) class index (-1 where the manifest has no label)
 ``<output>/{split}_ids.csv`` image_id, patient_id, label — row order of the arrays
-``<output>/meta.json``      spatial_dims, in_channels, num_classes, class_names, spatial_size, intensity, counts
+``<output>/meta.json``      spatial_dims, in_channels, num_classes, class_names, spatial_size, intensity, counts,
+                           source_spacing_mm (null unless every image shares it), params
 """
 
 from __future__ import annotations
@@ -94,6 +95,22 @@ def _spatial_size(params: PreprocessParams, sample_ndim: int, source: Path) -> l
     return size
 
 
+def spatial_axes(rows: list[dict[str, str]], channels: int, inputs: Path) -> int:
+    """The number of spatial axes (2 or 3) every image shares, from the manifest's ``shape`` column (the array's
+    header where the column is empty); raises naming images of each kind when 2D and 3D images are mixed."""
+    axes: dict[int, list[str]] = {}
+    for r in rows:
+        shape = json.loads(r["shape"]) if r.get("shape") else np.load(inputs / r["path"], mmap_mode="r").shape
+        axes.setdefault(len(shape) - (channels > 1), []).append(r["image_id"])
+    if len(axes) > 1:
+        shown = "; ".join(f"{n}D: {len(ids)} image(s), e.g. {ids[0]}" for n, ids in sorted(axes.items()))
+        raise ValueError(
+            f"{inputs / 'manifest.csv'}: images differ in their number of spatial axes (column shape: "
+            f"{shown}); select one kind with ingest.series (e.g. min_slices) or ingest.multiframe"
+        )
+    return next(iter(axes))
+
+
 def class_names_of(class_names: list[str] | None, inputs: Path) -> list[str]:
     """``base.class_names``, or (null there) the names ingest derived from the data (its summary.json)."""
     if class_names:
@@ -116,8 +133,10 @@ def common_value(rows: list[dict[str, str]], column: str, default: str, source: 
         values.setdefault(r.get(column) or default, []).append(r["image_id"])
     if len(values) > 1:
         shown = "; ".join(f"{v!r}: {len(ids)} image(s), e.g. {ids[0]}" for v, ids in sorted(values.items()))
-        raise ValueError(f"{source}: images differ in {column} ({shown}); select one kind with ingest.series "
-                         "(e.g. modalities: [CT]) so that one intensity mapping fits every image")
+        raise ValueError(
+            f"{source}: images differ in {column} ({shown}); select one kind with ingest.series "
+            "(e.g. modalities: [CT]) so that one intensity mapping fits every image"
+        )
     return next(iter(values))
 
 
@@ -138,8 +157,7 @@ def run(
     rows = read_manifest(inputs / "manifest.csv")
     unit = common_value(rows, "unit", "HU", inputs / "manifest.csv")
     channels = int(common_value(rows, "channels", "1", inputs / "manifest.csv"))
-    first = np.load(inputs / rows[0]["path"], mmap_mode="r")
-    spatial = _spatial_size(pp, first.ndim - (channels > 1), inputs)
+    spatial = _spatial_size(pp, spatial_axes(rows, channels, inputs), inputs)
     intensity = intensity_spec(pp, unit)
     transform = build_transforms(intensity, spatial, channels)
     class_names = class_names_of(class_names, inputs)
@@ -173,7 +191,9 @@ def run(
     if counts["train"] == 0 or counts["val"] == 0:
         raise ValueError(f"{inputs / 'manifest.csv'}: the train and val splits must not be empty ({counts})")
     assert shape is not None
-    spacing = json.loads(rows[0]["spacing"]) if rows[0].get("spacing") else None
+    # the source voxel size (mm) where every image shares it; null where it varies or is unknown
+    spacings = {r.get("spacing") or "null" for r in rows}
+    spacing = json.loads(spacings.pop()) if len(spacings) == 1 else None
     meta = {
         "spatial_dims": len(shape) - 1,
         "in_channels": shape[0],

@@ -50,7 +50,7 @@ def dvc_lock_hash(path: Path | str, lock: Path | None = None) -> str | None:
 
     A file inside a recorded folder has no entry of its own: None then.
     """
-    import yaml
+    from tasks.config import read_yaml
 
     lock = lock or _lock_path()
     if not lock.exists():
@@ -60,7 +60,7 @@ def dvc_lock_hash(path: Path | str, lock: Path | None = None) -> str | None:
         rel = Path(path).resolve().relative_to(root).as_posix()
     except ValueError:  # outside the DVC project
         return None
-    data = yaml.safe_load(lock.read_text()) or {}
+    data = read_yaml(lock) or {}
     for stage in (data.get("stages") or {}).values():
         for out in stage.get("outs") or []:
             if Path(out.get("path", "")).as_posix().rstrip("/") == rel and out.get("md5"):

@@ -3,7 +3,8 @@
 ``python -m tasks.synth --output data/synthetic`` writes, for the ``synth`` params group::
 
     <output>/dicom/case0001/study1/slice001.dcm ...   CT Image Storage, Explicit VR Little Endian
-    <output>/labels.csv                               AccessionNumber,label  (one row per study, 0/1)
+    <output>/dicom/labels.csv                         AccessionNumber,label  (one row per study, 0/1): inside the
+                                                      data folder, as ingest.labels_csv expects (one DVC dependency)
     <output>/synth.json                               params and counts (also marks the folder as ours)
 
 Each patient has 1..max_studies_per_patient studies; each study is one series of ``slices_per_study`` axial

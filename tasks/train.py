@@ -6,7 +6,8 @@ The fitting itself is :mod:`tasks.models.fit` (torch families with checkpoints a
 opens the MLflow run, logs params and per-epoch metrics, and writes (``<output>/``): model.pt or model.joblib,
 model.json (:class:`tasks.models.networks.ModelSpec`), val_metrics.json and provenance.json (the hashes of the
 params and data the model came from); per-epoch history for ``dvc plots`` in ``--history``. Every file is a
-function of the stage's inputs: the MLflow run is found again by the model's hash (:func:`tasks.tracking.run_for_model`).
+function of the stage's inputs: the MLflow run is found again by the model's hash
+(:func:`tasks.tracking.run_for_model`), and under ``dvc exp run`` it carries the experiment's name (``dvc.exp_name``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from tasks.models.fit import CHECKPOINT, Splits, TorchFit, configure_torch, fit_
 from tasks.models.networks import ModelSpec, weights_hash
 
 PROVENANCE = "provenance.json"
+EXP_NAME_ENV, EXP_NAME_TAG = "DVC_EXP_NAME", "dvc.exp_name"  # `dvc exp run` names the experiment in the environment
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,16 @@ def load_splits(inputs: Path) -> Splits:
     return Splits(arr("train_x.npy").float(), tr_y, arr("val_x.npy").float(), va_y, meta)
 
 
+def model_spec(tp: TrainParams, meta: dict[str, Any]) -> ModelSpec:
+    """The network ``tp`` asks for, shaped by the data preprocess described in ``meta`` (its meta.json)."""
+    return ModelSpec(
+        family=tp.family, arch=tp.arch, spatial_dims=meta["spatial_dims"], in_channels=meta["in_channels"],
+        num_classes=meta["num_classes"], input_shape=tuple(meta["input_shape"]),
+        class_names=tuple(meta["class_names"]), width=tp.width, stem_stride=tp.stem_stride,
+        feature_size=tp.svm.feature_size,
+    )
+
+
 def fingerprint(tp: TrainParams, seed: int, data_hash: str) -> str:
     """What a training job is: the train params, the seed and the content hash of the tensors it reads.
 
@@ -110,12 +123,7 @@ def run(
     data = load_splits(inputs)
     meta = data.meta
     positive_class = int(meta.get("positive_class", 1))
-    spec = ModelSpec(
-        family=tp.family, arch=tp.arch, spatial_dims=meta["spatial_dims"], in_channels=meta["in_channels"],
-        num_classes=meta["num_classes"], input_shape=tuple(meta["input_shape"]),
-        class_names=tuple(meta["class_names"]), width=tp.width, stem_stride=tp.stem_stride,
-        feature_size=tp.svm.feature_size,
-    )
+    spec = model_spec(tp, meta)
     device = configure_torch(info.seed, tp)
     for folder in (output, checkpoints, history_path.parent):
         folder.mkdir(parents=True, exist_ok=True)
@@ -123,6 +131,8 @@ def run(
     own = {"train": tp.model_dump(mode="json"), "base": {"seed": info.seed}}
     upstream = _upstream_params(inputs, ingest_summary)
     record = {"params_hash": provenance.params_hash([own, upstream]), "data_hash": data_hash}
+    # a flow (or a person) finds the run of a DVC experiment by its name; absent outside `dvc exp run`
+    exp_tags = {EXP_NAME_TAG: os.environ[EXP_NAME_ENV]} if os.environ.get(EXP_NAME_ENV) else {}
 
     def open_run() -> str:
         run_params = {**tracking.flatten(own), **upstream, "base.dataset": info.dataset,
@@ -132,7 +142,7 @@ def run(
         tags = {
             "git_commit": provenance.git_commit(), "dvc_data_hash": data_hash, "dataset": info.dataset,
             "model_family": spec.family, "arch": spec.arch, "spatial_dims": str(spec.spatial_dims),
-            "params_hash": record["params_hash"],
+            "params_hash": record["params_hash"], **exp_tags,
         }
         rid = tracking.start_run(info.experiment, f"{info.dataset}-{spec.family}-{spec.arch}-seed{info.seed}", tags,
                                  run_params, sweep=info.sweep)  # fmt: skip
@@ -160,6 +170,8 @@ def run(
                        fingerprint(tp, info.seed, data_hash))  # fmt: skip
         ckpt = job.resume()
         rid = ckpt["run_id"] if ckpt is not None and ckpt.get("run_id") else open_run()
+        if ckpt is not None:  # the run is named after the experiment that finishes it
+            tracking.set_tags(rid, exp_tags)
 
         def on_epoch(rec: dict[str, float]) -> None:
             tracking.log_metrics(rid, {k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+from tasks.config import write_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 
-# the real params.yaml, shrunk: a tiny cohort, a small network, one epoch
+# the real params.yaml, shrunk: a tiny cohort, a small network, one epoch, one ingest worker (2-core machines)
 TINY = {
     "synth.n_patients": 16,
     "synth.image_size": 64,
+    "ingest.workers": 1,
     "preprocess.spatial_size": [32, 32],
     "train.arch": "resnet10",
     "train.epochs": 1,
@@ -20,38 +25,42 @@ TINY = {
     "evaluate.bootstrap": 50,
 }
 
+GIT = ["git", "-c", "user.name=medpipe-test", "-c", "user.email=test@medpipe.invalid"]
+
 
 def copy_repo(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
     """Copy the working tree's files (tracked and untracked-not-ignored) to ``dest``, apply params overrides
-    (comments kept) and commit, so git and DVC behave as in a fresh clone."""
+    (validated, comments kept) and commit, so git and DVC behave as in a fresh clone."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")
+    ).stdout.split("\0")  # fmt: skip
     for f in filter(None, files):
         src = REPO / f
         if src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
-    set_params(dest, {**TINY, **(overrides or {})})
-    git = ["git", "-c", "user.name=medpipe-test", "-c", "user.email=test@medpipe.invalid"]
+    write_overrides(dest / "params.yaml", {**TINY, **(overrides or {})})
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "test copy"], cwd=dest, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "test copy"], cwd=dest, check=True)
     return dest
 
 
-def set_params(repo: Path, overrides: dict[str, Any]) -> None:
-    from ruamel.yaml import YAML
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``dvc <args>`` in ``repo`` with this interpreter's bin/ first on PATH (the stages' ``python``)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
 
-    yaml = YAML()
-    path = repo / "params.yaml"
-    doc = yaml.load(path.read_text())
-    for dotted, value in overrides.items():
-        node = doc
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    with path.open("w") as fh:
-        yaml.dump(doc, fh)
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root`` (empty when it does not exist)."""
+    import hashlib
+
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip

@@ -49,7 +49,8 @@ def params(make_params: Callable[..., Params]) -> Params:
 
 @pytest.fixture(scope="session")
 def tiny_cohort(params: Params, tmp_path_factory: pytest.TempPathFactory):
-    """A synthetic cohort from ``params.synth``: a ``tasks.synth.SynthResult`` (dicom_dir, labels_csv, counts).
+    """A synthetic cohort from ``params.synth``: a ``tasks.synth.SynthResult`` (dicom_dir, labels_csv inside it,
+    counts).
 
     Session-scoped and shared: do not modify its files (copy ``dicom_dir`` to your tmp_path first).
     """
@@ -59,13 +60,43 @@ def tiny_cohort(params: Params, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def ingested_cohort(params: Params, tiny_cohort, tmp_path_factory: pytest.TempPathFactory):
+def cohort_params(make_params: Callable[..., Params], tiny_cohort) -> Params:
+    """``params`` with ``ingest.input`` = the tiny cohort's DICOM folder (its labels.csv inside, as in the pipeline)."""
+    return make_params({"ingest.input": str(tiny_cohort.dicom_dir)})
+
+
+@pytest.fixture(scope="session")
+def run_ingest() -> Callable[..., Any]:
+    """``run_ingest(params, output, **kwargs)``: the ingest stage as the CLI calls it (its own params group, the
+    ``base`` keys it reads), without progress bars; kwargs go to ``tasks.ingest.run``."""
+
+    def _run(params: Params, output: Path, **kwargs: Any):
+        from tasks.ingest import run
+
+        kwargs.setdefault("progress", False)
+        return run(params.ingest, output, class_names=params.base.class_names, split_seed=params.base.split_seed,
+                   **kwargs)  # fmt: skip
+
+    return _run
+
+
+@pytest.fixture(scope="session")
+def run_preprocess() -> Callable[..., Any]:
+    """``run_preprocess(params, inputs, output)``: the preprocess stage as the CLI calls it."""
+
+    def _run(params: Params, inputs: Path, output: Path):
+        from tasks.preprocess import run
+
+        return run(params.preprocess, inputs, output, params.base.class_names, params.base.positive_class)
+
+    return _run
+
+
+@pytest.fixture(scope="session")
+def ingested_cohort(cohort_params: Params, run_ingest, tmp_path_factory: pytest.TempPathFactory):
     """``tiny_cohort`` through the ingest stage: a ``tasks.ingest.IngestResult`` (output, manifest, summary).
 
     Uses whatever MEDPIPE_DEID_SECRET the test process has (usually none: the development default).
     Session-scoped and shared: do not modify its files.
     """
-    from tasks.ingest import run
-
-    out = tmp_path_factory.mktemp("ingested")
-    return run(params, out, tiny_cohort.dicom_dir, tiny_cohort.labels_csv, progress=False)
+    return run_ingest(cohort_params, tmp_path_factory.mktemp("ingested"))

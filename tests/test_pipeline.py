@@ -9,12 +9,11 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests._repo import copy_repo
+from tests._repo import copy_repo, dvc
 
 pytestmark = pytest.mark.slow
 
@@ -67,43 +66,80 @@ def test_flow_runs_every_stage_and_registers_champion(repo, first_run, monkeypat
     assert [s["stage"] for s in first_run["stages"] if s["ran"]] == [
         "synth", "ingest", "preprocess", "train", "evaluate", "export", "promote"
     ]
-    m = first_run["metrics"]
-    for k in ("accuracy", "precision", "recall", "f1", "auc"):
-        assert 0.0 <= m[f"test_{k}"] <= 1.0
-        assert m[f"test_{k}_ci_low"] <= m[f"test_{k}"] <= m[f"test_{k}_ci_high"]
+    assert first_run["experiment"] is None  # no overrides: the working tree, not an experiment
+    assert first_run["metrics"] == json.loads((repo / "reports/evaluate/metrics.json").read_text())
     reg = first_run["registry"]
-    assert reg["alias"] == "champion"
+    assert (reg["version"], reg["alias"], reg["previous_champion"]) == ("1", "champion", None)
 
     monkeypatch.chdir(repo)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from tasks import tracking
+    from tasks.models.networks import weights_hash
 
     client = tracking.client()
-    run_id = json.loads((repo / "models/train/mlflow_run.json").read_text())["run_id"]
+    model_hash = weights_hash(repo / "models/train")
+    run_id = tracking.run_for_model(model_hash, repo / "models/train")  # the run is found from the model itself
+    assert reg["run_id"] == run_id
     run = client.get_run(run_id)
     assert {"test_auc", "test_accuracy", "val_auc", "train_loss"} <= set(run.data.metrics)
-    assert run.data.params["train.epochs"] == "1"
-    assert run.data.tags["git_commit"] not in ("", "unknown")
+    assert run.data.metrics["test_auc"] == pytest.approx(first_run["metrics"]["test_auc"])
+    assert run.data.params["train.epochs"] == "1" and run.data.params["train.arch"] == "resnet10"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["git_commit"].removesuffix("-dirty") == head
     assert run.info.status == "FINISHED"
     version = client.get_model_version_by_alias(reg["model_name"], "champion")
-    assert str(version.version) == str(reg["version"]) and version.run_id == run_id
+    assert str(version.version) == reg["version"] and version.run_id == run_id
+    assert version.tags["model_sha256"] == model_hash
 
     import coremltools as ct
 
-    pkg = next((repo / "models/export").glob("*.mlpackage"))
-    spec = ct.utils.load_spec(str(pkg))
-    assert set(spec.description.metadata.userDefined) >= {"mlflow_run_id", "git_commit"}
-    assert spec.description.metadata.userDefined["mlflow_run_id"] == run_id
     from tasks.coreml.convert import inspect_package
 
+    pkg = next((repo / "models/export").glob("*.mlpackage"))
+    meta = dict(ct.utils.load_spec(str(pkg)).description.metadata.userDefined)
+    provenance = json.loads((repo / "models/train/provenance.json").read_text())
+    assert meta["model_sha256"] == model_hash
+    assert meta["params_hash"] == provenance["params_hash"]
+    # under DVC the data hash is DVC's own md5 of the preprocessed data, as dvc.lock records it
+    assert meta["dvc_data_hash"] == provenance["data_hash"] == _lock_md5(repo, "train", "data/preprocessed")
+    assert not {"mlflow_run_id", "git_commit"} & set(meta), "the package must hold no run id or commit"
     assert inspect_package(pkg)["class_labels"] == ["normal", "lesion"]
 
 
+def test_metrics_agree_with_the_predictions(repo, first_run):
+    """metrics.json is what the per-image predictions say (sklearn recomputes it), at the configured threshold."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+    m = first_run["metrics"]
+    pred = pd.read_csv(repo / "reports/evaluate/predictions.csv")
+    manifest = pd.read_csv(repo / "data/ingested/manifest.csv")
+    assert m["n_test"] == len(pred) == int((manifest["split"] == "test").sum()) > 0
+    assert set(pred["patient_id"]) <= set(manifest.loc[manifest["split"] == "test", "patient_id"])
+    y = (pred["actual"] == "lesion").to_numpy()
+    yhat = (pred["predicted"] == "lesion").to_numpy()
+    assert np.array_equal(yhat, pred["p_lesion"].to_numpy() >= m["threshold"])
+    assert m["test_accuracy"] == pytest.approx(accuracy_score(y, yhat))
+    assert m["test_f1"] == pytest.approx(f1_score(y, yhat, zero_division=0))
+    assert m["confusion_matrix"] == confusion_matrix(y, yhat, labels=[False, True]).tolist()
+    if len(set(y)) == 2:
+        assert m["test_auc"] == pytest.approx(roc_auc_score(y, pred["p_lesion"]))
+    for k in ("accuracy", "precision", "recall", "f1", "auc"):
+        assert m[f"test_{k}_ci_low"] <= m[f"test_{k}_ci_high"]
+    assert m["val_auc"] == pytest.approx(first_run["registry"]["value"])  # promote decided on validation AUC
+
+
+def _lock_md5(repo: Path, stage: str, path: str) -> str:
+    from tasks.config import read_yaml
+
+    lock = read_yaml(repo / "dvc.lock")["stages"][stage]
+    return next(d["md5"] for d in lock["deps"] if d["path"] == path)
+
+
 def test_dvc_repro_after_flow_has_nothing_to_do(repo, first_run):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     lock_before = (repo / "dvc.lock").read_text()
-    out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    out = dvc(repo, "repro")
     assert "Running stage" not in out.stdout
     assert "up to date" in out.stdout
     assert (repo / "dvc.lock").read_text() == lock_before

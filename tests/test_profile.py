@@ -7,8 +7,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from tasks.config import DeidParams
-from tasks.dicom.pseudonym import Pseudonymizer
 from tasks.dicom.profile import action_for, audit_counts, deidentify
+from tasks.dicom.pseudonym import Pseudonymizer
 
 PSEUDO = Pseudonymizer.from_params(DeidParams(), environ={"MEDPIPE_DEID_SECRET": "s3cret"})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import time
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,7 @@ def test_labels_csv_matches_the_studies(tiny_cohort) -> None:
     with tiny_cohort.labels_csv.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["AccessionNumber", "label"]
+    assert tiny_cohort.labels_csv == tiny_cohort.dicom_dir / "labels.csv"  # inside the data folder (ingest.input)
     accessions = {str(pydicom.dcmread(p, stop_before_pixels=True).AccessionNumber)
                   for p in tiny_cohort.dicom_dir.rglob("*.dcm")}  # fmt: skip
     assert {r["AccessionNumber"] for r in rows} == accessions and len(rows) == tiny_cohort.n_studies
@@ -111,8 +112,11 @@ def test_refuses_to_overwrite_a_folder_it_did_not_make(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_cohort_generates_in_seconds(tmp_path: Path) -> None:
-    t0 = time.perf_counter()
+def test_default_cohort_is_what_synth_json_says(tmp_path: Path) -> None:
     res = synth.run(SynthParams(), tmp_path, progress=False)  # 240 patients, 128 px
-    assert res.n_patients == 240 and res.n_files == res.n_studies
-    assert time.perf_counter() - t0 < 60
+    record = json.loads((tmp_path / synth.MARKER).read_text())
+    files = sorted(res.dicom_dir.rglob("*.dcm"))
+    assert record["params"] == SynthParams().model_dump(mode="json")
+    assert (record["patients"], record["studies"], record["files"]) == (240, res.n_studies, len(files))
+    assert len({p.parent.parent.name for p in files}) == 240 and 240 < res.n_studies <= 480  # 1-2 studies each
+    assert record["positive_studies"] == res.n_positive == round(0.5 * res.n_studies)

@@ -7,7 +7,9 @@ saved ``.mlpackage`` back without a Core ML runtime.
 
 from __future__ import annotations
 
+import json
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,11 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.models.networks import ModelSpec
+from tasks.provenance import file_hash
 
 if TYPE_CHECKING:
     import coremltools as ct
 
 LABEL_OUTPUT, PROBS_OUTPUT = "classLabel", "classLabel_probs"  # coremltools' classifier output names
+MANIFEST = "Manifest.json"
+# the namespace of medpipe's package item identifiers (uuid5 of the item's path and content digest)
+_ITEM_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://medpipe.invalid/coreml/item")
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,42 @@ def describe(
     mlmodel.output_description[LABEL_OUTPUT] = f"Most probable class: one of {', '.join(class_names)}"
     mlmodel.output_description[PROBS_OUTPUT] = "Probability of each class (softmax), keyed by class name"
     mlmodel.user_defined_metadata.update(metadata)
+
+
+def make_deterministic(package: Path) -> None:
+    """Rewrite a saved ``.mlpackage`` so that its bytes are a function of the model alone.
+
+    coremltools 9.0 saves two things that differ between two saves of the same model: ``Manifest.json`` gets a
+    random UUID per item (``uuid4``), and the spec ``model.mlmodel`` is serialised with protobuf maps (the
+    metadata, op attributes) in an order that changes from process to process. Here the spec is re-serialised with
+    protobuf's deterministic (key-sorted) encoding, the same message byte for byte once parsed, and every item
+    identifier becomes a ``uuid5`` of the item's path and content digest; the manifest keeps its layout (4-space
+    JSON, sorted keys) and its root model entry, so ``ct.models.MLModel`` and ``ct.utils.load_spec`` read it as before.
+
+    Args:
+        package: a ``.mlpackage`` folder written by ``MLModel.save``.
+
+    Raises:
+        ValueError: naming the manifest when it lacks the entries a Core ML package has.
+    """
+    from coremltools.proto import Model_pb2
+
+    manifest_path = package / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    entries, root = manifest.get("itemInfoEntries") or {}, manifest.get("rootModelIdentifier")
+    if root not in entries:
+        raise ValueError(f"{manifest_path}: rootModelIdentifier {root!r} names no entry of itemInfoEntries")
+    spec_file = package / "Data" / entries[root]["path"]
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    spec_file.write_bytes(spec.SerializeToString(deterministic=True))
+    ids = {
+        old: str(uuid.uuid5(_ITEM_NAMESPACE, f"{e['path']}:{file_hash(package / 'Data' / e['path'], 64)}"))
+        for old, e in entries.items()
+    }
+    manifest["itemInfoEntries"] = {ids[old]: e for old, e in entries.items()}
+    manifest["rootModelIdentifier"] = ids[root]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
 def inspect_package(path: Path) -> dict[str, Any]:

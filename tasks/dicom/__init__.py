@@ -4,11 +4,13 @@ importing it is cheap).
 * :mod:`tasks.dicom.read`: one file to a :class:`DicomImage`: pixels after the Modality LUT (HU for CT), colour
   converted to RGB, the non-identifying geometry needed to build a volume (including the per-frame functional
   groups of enhanced multi-frame objects), and the few identifying values (:class:`SourceIds`) that the caller
-  pseudonymises (:mod:`tasks.dicom.pseudonym`) before anything is written. Failures are :class:`DicomError` with a stable
-  reason.
+  pseudonymises (:mod:`tasks.dicom.pseudonym`) before anything is written. What pydicom and its pixel plugins
+  raise for a file's data becomes a :class:`DicomError` with a stable reason; anything else propagates (a bug is
+  not the file's fault). pydicom's global settings are changed only inside :func:`quiet_pydicom`, and restored.
 * :mod:`tasks.dicom.profile`: the DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile applied
   to a data set, with its options, and the audit counts per action.
-* :mod:`tasks.dicom.write`: the synthetic cohort's CT slices, and de-identified instances.
+* :mod:`tasks.dicom.write`: the synthetic cohort's CT slices, and de-identified instances
+  (:func:`write_deidentified`, from the data set :func:`read_instance` returns).
 """
 
 from tasks.dicom.read import (
@@ -18,9 +20,11 @@ from tasks.dicom.read import (
     SourceIds,
     derive_uid,
     is_dicom_keyword,
+    quiet_pydicom,
     read_dicom,
+    read_instance,
 )
-from tasks.dicom.write import CT_IMAGE_STORAGE, CtSliceHeader, write_ct_slice
+from tasks.dicom.write import CT_IMAGE_STORAGE, CtSliceHeader, write_ct_slice, write_deidentified
 
 __all__ = [
     "CT_IMAGE_STORAGE",
@@ -31,6 +35,9 @@ __all__ = [
     "SourceIds",
     "derive_uid",
     "is_dicom_keyword",
+    "quiet_pydicom",
     "read_dicom",
+    "read_instance",
     "write_ct_slice",
+    "write_deidentified",
 ]

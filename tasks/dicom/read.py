@@ -1,15 +1,20 @@
 """Reading DICOM: one Part 10 file to a :class:`DicomImage` (pixels in modality units, geometry, flags).
 
-Every failure is a :class:`DicomError` with a short, stable reason code, so that a stage can quarantine the file
-and go on.
+A file that cannot be used raises :class:`DicomError` with a short, stable reason code, so that a stage can
+quarantine the file and go on. Only what pydicom and its pixel plugins raise for the file's data becomes a reason
+(:func:`parse_errors`, :func:`decode_errors`); any other exception is a bug (ours, or of the environment) and
+propagates. Nothing here writes files (:mod:`tasks.dicom.write` does) or leaves pydicom's global configuration
+changed (:func:`quiet_pydicom` sets and restores it).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,10 @@ REASONS = (
     "decode_failed",  # pixel data present but could not be decoded (codec missing, corrupt, bad group 0028)
     "not_an_image",  # pixel data that is not an image to learn from (SEG, RT Dose, raw data): by SOP class
     "color_rejected",  # RGB / YBR / PALETTE COLOR while ingest.color is "reject" (a grayscale task)
+    "deid_failed",  # the PS3.15 profile could not be applied (an element it must change does not parse), or the
+    # de-identified instance could not be written as Part 10 (ingest.deid.write_dicom)
+    "malformed",  # an element outside the pixel data does not parse (unknown VR, a length its VR does not allow,
+    # a bad character set) or the data set loses sync while it is parsed: a damaged file, not a cut one
 )
 
 # SOP classes whose pixel data is not an image (segmentations are labels, RT Dose a dose grid): the segmentation
@@ -188,6 +197,64 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
+def parse_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions pydicom raises for data it cannot parse or convert: the file's fault, never medpipe's.
+
+    Found in pydicom 3.0's ``filereader``, ``values``, ``hooks`` and ``charset`` and by reading damaged files:
+    ``BytesLengthException`` (a value length its VR does not allow), ``NotImplementedError`` (an unknown VR),
+    ``ValueError`` (a bad character set, a number that does not parse), ``OSError`` without an errno ("No tag to
+    read at file position ...": a sequence item header missing), ``struct.error`` and ``EOFError`` (fewer bytes
+    than a header needs). Catch them only around pydicom calls on the file's data.
+    """
+    from pydicom.errors import BytesLengthException
+
+    return (BytesLengthException, NotImplementedError, ValueError, OSError, struct.error, EOFError)
+
+
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions pydicom's pixel pipeline raises for pixel data it cannot decode: the file's fault.
+
+    Found in pydicom 3.0's ``pixels`` package and by the corpus tests: ``RuntimeError`` (every plugin failed;
+    pydicom's decoder collects what pylibjpeg, openjpeg, libjpeg, rle, gdcm and Pillow raise into one
+    RuntimeError, and raises it too when a plugin's dependencies are missing), ``NotImplementedError`` (a
+    transfer syntax or bit depth no plugin supports), ``AttributeError`` (a required group 0028 element or the
+    transfer syntax missing), ``ValueError`` (an invalid group 0028 value, pixel data shorter than the header
+    says), ``IndexError`` (a LUT descriptor that does not fit its data), plus :func:`parse_errors` (encapsulated
+    fragments and LUT elements are parsed on the way). Catch them only around pydicom's pixel and LUT calls.
+    """
+    return (RuntimeError, AttributeError, IndexError, *parse_errors())
+
+
+def library_message(exc: BaseException) -> str:
+    """``<type>: <message>`` of a library exception for a quarantine detail: one line, at most 300 characters,
+    without the traceback pydicom appends to errors it re-raises with a tag."""
+    text = str(exc).split("\nTraceback (most recent call last)")[0]
+    return " ".join(f"{type(exc).__name__}: {text}".split())[:300]
+
+
+@contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """For the duration: pydicom neither validates values nor says anything; restored on exit, also on an error.
+
+    pydicom's validation warnings and log records quote attribute values (a patient's name, an id), which must
+    never reach a log; values are judged here instead (geometry parsing, the profile's actions). Uses pydicom's
+    own ``config.disable_value_validation`` (reading and writing validation off, then the previous modes back),
+    lowers the ``pydicom`` logger to CRITICAL and ignores warnings (then restores both). The settings are
+    process-wide: ingest reads in worker processes, never in threads.
+    """
+    from pydicom import config
+
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with config.disable_value_validation(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _check_not_truncated(ds: Any) -> None:
     """Raise ``truncated`` when the last element read holds fewer bytes than its header declared.
 
@@ -203,38 +270,33 @@ def _check_not_truncated(ds: Any) -> None:
         raise DicomError("truncated", f"element {last.tag} declares {length} bytes but the file holds {len(value)}")
 
 
-def load_dataset(path: Path | str) -> Any:
-    """Read a file into a pydicom Dataset, validated as DICOM.
+def _load_dataset(path: Path) -> Any:
+    """Read a file into a pydicom Dataset, validated as DICOM (inside :func:`quiet_pydicom`).
 
     A file without the Part 10 preamble ("DICM" at byte 128) is re-read with ``force=True`` and accepted only if
     it then holds DICOM image or SOP attributes; its transfer syntax is taken from how it parsed.
 
     Raises:
-        DicomError: empty_file, unreadable, not_dicom or truncated.
+        DicomError: empty_file, unreadable, not_dicom, truncated or malformed.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    # pydicom's validation messages quote attribute values (a patient's name, an id): never let them reach a log.
-    # Values are judged here instead (geometry parsing, the profile's actions).
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise DicomError("empty_file", "the file has 0 bytes")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns on invalid values; we judge the result instead
-            try:
-                ds = pydicom.dcmread(path, force=False)
-            except InvalidDicomError:
-                ds = _read_forced(path)
-    except DicomError:
-        raise
+        try:
+            ds = pydicom.dcmread(path, force=False)
+        except InvalidDicomError:
+            ds = _read_forced(path)
     except OSError as exc:
-        raise DicomError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
-    except Exception as exc:  # struct.error, EOFError ... from a file cut inside its meta information
-        raise DicomError("truncated", f"while parsing: {type(exc).__name__}: {exc}"[:300]) from None
+        if exc.errno is not None:  # the operating system's, not pydicom's "No tag to read at file position ..."
+            raise DicomError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+        raise DicomError("truncated", f"while parsing: {library_message(exc)}") from None
+    except (struct.error, EOFError) as exc:  # fewer bytes than a header needs: a file cut inside its meta or data
+        raise DicomError("truncated", f"while parsing: {library_message(exc)}") from None
+    except parse_errors() as exc:  # an unknown VR, a bad length, a bad character set in the header
+        raise DicomError("malformed", f"while parsing: {library_message(exc)}") from None
     _check_not_truncated(ds)
     return ds
 
@@ -247,7 +309,9 @@ def _read_forced(path: Path) -> Any:
     try:
         ds = pydicom.dcmread(path, force=True)
         keys = set(ds.keys())
-    except Exception as exc:
+    except parse_errors() as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the operating system's: unreadable
         raise DicomError("not_dicom", f"no DICOM preamble, and it does not parse ({type(exc).__name__})") from None
     if not ({0x00080016, 0x00080060} & keys or {0x7FE00010, 0x00280010} <= keys):
         raise DicomError("not_dicom", "no DICOM preamble and no SOP Class, Modality or image attributes")
@@ -270,6 +334,20 @@ def _functional(ds: Any, frame: int, sequence: str, keyword: str) -> Any:
     return None
 
 
+def _number(value: Any, keyword: str, default: float) -> float:
+    """A rescale or window value of the file as a float; ``default`` when absent or empty.
+
+    Raises:
+        DicomError: decode_failed when it is not one number (validation is off, so an invalid DS stays text).
+    """
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # float() of the file's value: text, or several values
+        raise DicomError("decode_failed", f"{keyword} is not one number") from None
+
+
 def _frame_rescale(ds: Any, n_frames: int) -> list[tuple[float, float]] | None:
     """Per-frame (slope, intercept) of an enhanced object's Pixel Value Transformation functional group.
 
@@ -284,8 +362,37 @@ def _frame_rescale(ds: Any, n_frames: int) -> list[tuple[float, float]] | None:
         intercept = _functional(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
         if slope is None and intercept is None:
             return None
-        out.append((float(slope if slope not in (None, "") else 1.0), float(intercept or 0.0)))
+        out.append((_number(slope, "RescaleSlope", 1.0), _number(intercept, "RescaleIntercept", 0.0)))
     return out
+
+
+def _check_window(ds: Any) -> None:
+    """Refuse a window that pydicom's ``apply_voi_lut`` would choke on (it computes with the values as given)."""
+    if ds.get("VOILUTSequence"):
+        return
+    for keyword in ("WindowCenter", "WindowWidth"):
+        value = ds.get(keyword)
+        values = [value] if isinstance(value, (str, float, int)) or not hasattr(value, "__iter__") else value
+        for v in values:
+            _number(v, keyword, 0.0)
+
+
+def _pixel_array(ds: Any) -> np.ndarray:
+    """pydicom's ``pixel_array`` (YBR_* converted to RGB), with its failures as reasons."""
+    try:
+        return ds.pixel_array
+    except decode_errors() as exc:  # a codec missing, a corrupt stream, a bad group 0028
+        if isinstance(exc, ValueError) and "less than expected" in str(exc):
+            raise DicomError("truncated", f"Pixel Data is shorter than Rows x Columns x Frames: {exc}") from None
+        raise DicomError("decode_failed", library_message(exc)) from None
+
+
+def _lut(apply: Callable[[np.ndarray, Any], np.ndarray], arr: np.ndarray, ds: Any, what: str) -> np.ndarray:
+    """One of pydicom's LUT functions, with its failures on the file's LUT or window elements as reasons."""
+    try:
+        return apply(arr, ds)
+    except decode_errors() as exc:
+        raise DicomError("decode_failed", f"{what}: {library_message(exc)}") from None
 
 
 def _decode(ds: Any, photometric: str, voi: bool) -> np.ndarray:
@@ -293,46 +400,40 @@ def _decode(ds: Any, photometric: str, voi: bool) -> np.ndarray:
     objects), then the VOI LUT / window when ``voi``, then MONOCHROME1 inverted."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-    try:
-        stored = ds.pixel_array  # pydicom converts YBR_* to RGB
-    except ValueError as exc:
-        if "less than expected" in str(exc):
-            raise DicomError("truncated", f"Pixel Data is shorter than Rows x Columns x Frames: {exc}") from None
-        raise DicomError("decode_failed", f"{type(exc).__name__}: {exc}"[:300]) from None
-    except Exception as exc:  # codec missing, corrupt stream, bad group 0028: all are "cannot decode"
-        raise DicomError("decode_failed", f"{type(exc).__name__}: {exc}"[:300]) from None
-    try:
-        if photometric in _COLOR:  # colour keeps its integer dtype (native byte order): 4x less to move than float32
-            rgb = apply_color_lut(stored, ds) if photometric == "PALETTE COLOR" else stored
-            return np.ascontiguousarray(rgb, dtype=rgb.dtype.newbyteorder("="))
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-        per_frame = _frame_rescale(ds, n_frames) if n_frames > 1 else None
-        if per_frame is not None:
-            values = stored.astype(np.float32).reshape(n_frames, *stored.shape[-2:])
-            for f, (slope, intercept) in enumerate(per_frame):
-                values[f] = values[f] * np.float32(slope) + np.float32(intercept)
-            values = values.reshape(stored.shape)
-        elif "ModalityLUTSequence" in ds:
-            values = apply_modality_lut(stored, ds)
-        else:  # the rescale in float32 (pydicom's apply_modality_lut computes it in float64: 2x the memory)
-            slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-            values = stored.astype(np.float32)
-            if (slope, intercept) != (1.0, 0.0):
-                values *= np.float32(slope)
-                values += np.float32(intercept)
-        if voi and (ds.get("VOILUTSequence") or ds.get("WindowCenter") is not None):
-            values = apply_voi_lut(values, ds)
-        if photometric == "MONOCHROME1":
-            bits = int(ds.BitsStored)
-            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if ds.PixelRepresentation == 1 else (0, 2**bits - 1)
-            ends = np.array([lo, hi], dtype=np.float64)
-            if per_frame is None:
-                ends = apply_modality_lut(ends, ds).astype(np.float64)
-            else:
-                ends = ends * per_frame[0][0] + per_frame[0][1]
-            values = np.float32(ends.min() + ends.max()) - values.astype(np.float32, copy=False)
-    except Exception as exc:
-        raise DicomError("decode_failed", f"modality/VOI LUT: {type(exc).__name__}: {exc}"[:300]) from None
+    stored = _pixel_array(ds)
+    if photometric in _COLOR:  # colour keeps its integer dtype (native byte order): 4x less to move than float32
+        rgb = _lut(apply_color_lut, stored, ds, "palette colour LUT") if photometric == "PALETTE COLOR" else stored
+        return np.ascontiguousarray(rgb, dtype=rgb.dtype.newbyteorder("="))
+    n_frames = int(ds.get("NumberOfFrames") or 1)  # pydicom has just decoded that many frames
+    per_frame = _frame_rescale(ds, n_frames) if n_frames > 1 else None
+    lut = per_frame is None and "ModalityLUTSequence" in ds
+    if per_frame is not None:
+        values = stored.astype(np.float32).reshape(n_frames, *stored.shape[-2:])
+        for f, (slope, intercept) in enumerate(per_frame):
+            values[f] = values[f] * np.float32(slope) + np.float32(intercept)
+        values = values.reshape(stored.shape)
+        slope, intercept = per_frame[0]  # the first frame's, for MONOCHROME1 below
+    elif lut:
+        values = _lut(apply_modality_lut, stored, ds, "Modality LUT")
+    else:  # the rescale in float32 (pydicom's apply_modality_lut computes it in float64: 2x the memory)
+        slope = _number(ds.get("RescaleSlope"), "RescaleSlope", 1.0) or 1.0
+        intercept = _number(ds.get("RescaleIntercept"), "RescaleIntercept", 0.0)
+        values = stored.astype(np.float32)
+        if (slope, intercept) != (1.0, 0.0):
+            values *= np.float32(slope)
+            values += np.float32(intercept)
+    if voi and (ds.get("VOILUTSequence") or ds.get("WindowCenter") is not None):
+        _check_window(ds)
+        values = _lut(apply_voi_lut, values, ds, "VOI LUT")
+    if photometric == "MONOCHROME1":  # pydicom validated BitsStored and PixelRepresentation while decoding
+        bits = int(ds.BitsStored)
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if ds.PixelRepresentation == 1 else (0, 2**bits - 1)
+        ends = np.array([lo, hi], dtype=np.float64)
+        if lut:
+            ends = _lut(apply_modality_lut, ends, ds, "Modality LUT").astype(np.float64)
+        else:
+            ends = ends * slope + intercept
+        values = np.float32(ends.min() + ends.max()) - values.astype(np.float32, copy=False)
     return np.ascontiguousarray(values, dtype=np.float32)
 
 
@@ -409,60 +510,78 @@ def read_dicom(
     color: str = "reject",
     voi: bool = False,
     deidentify: Callable[[Any], Counter[str]] | None = None,
-    write_dir: Path | None = None,
 ) -> DicomImage:
     """Read, judge, (de-identify) and decode one DICOM file.
 
     Args:
-        path: any file; see :func:`load_dataset` for files without a preamble.
+        path: any file; one without the Part 10 preamble is accepted only if it parses as DICOM image or SOP
+            attributes.
         label_key: DICOM keyword whose value keys the label table (e.g. "AccessionNumber"), or None.
         color: "reject" (colour images are quarantined: a grayscale task) or "rgb" (converted to RGB).
         voi: apply the file's VOI LUT / first window after the Modality LUT (values become display units).
         deidentify: applied to the data set after the identifying values are read and before anything else is
             taken from it (``tasks.dicom.profile.deidentify`` bound to the project's pseudonymiser); its action
             counts are returned in ``DicomImage.deid_counts``.
-        write_dir: a folder to write the de-identified instance to (Part 10), after it decoded, as
-            ``<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` with the remapped UIDs; needs ``deidentify``.
 
     Returns:
         The decoded image: float32 pixels (H, W) or (F, H, W) in modality units (HU for CT), or with a trailing
         RGB axis; geometry in mm; ``ids`` hold the original identifying values (memory only).
 
     Raises:
-        DicomError: with a reason from :data:`REASONS`; no other exception escapes for a bad file.
+        DicomError: with a reason from :data:`REASONS`, for what pydicom and its plugins raise on the file's data.
+            Any other exception is not the file's fault (a bug, the environment) and propagates unchanged.
     """
-    ds = load_dataset(path)
-    photometric = check_usable(ds, color)
-    ids = source_ids(ds, label_key)
-    counts = None
-    if deidentify is not None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # pydicom's value warnings quote the original values
-                counts = dict(deidentify(ds))
-        except Exception as exc:  # a value the profile cannot handle: never write a half-cleaned object
-            raise DicomError("decode_failed", f"de-identification: {type(exc).__name__}: {exc}"[:300]) from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pixels = _decode(ds, photometric, voi)
-    if write_dir is not None and ds.get("SOPInstanceUID"):
-        if deidentify is None:
-            raise ValueError("write_dir needs deidentify: only de-identified instances are written")
-        target = Path(write_dir) / str(ds.get("SeriesInstanceUID") or "no-series") / f"{ds.SOPInstanceUID}.dcm"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for _ in ds.iterall():  # convert what the profile left raw: an implicit-VR raw element has no VR
-                    pass
-                ds.save_as(target, enforce_file_format=True)
-        except Exception as exc:  # an element the writer refuses: the copy is not made, the image is still used
-            target.unlink(missing_ok=True)
-            raise DicomError("decode_failed", f"writing the de-identified copy: {type(exc).__name__}"[:300]) from None
+    return read_instance(path, label_key, color=color, voi=voi, deidentify=deidentify)[0]
 
+
+def read_instance(
+    path: Path | str,
+    label_key: str | None = None,
+    *,
+    color: str = "reject",
+    voi: bool = False,
+    deidentify: Callable[[Any], Counter[str]] | None = None,
+) -> tuple[DicomImage, Any]:
+    """:func:`read_dicom`, and the data set it read: de-identified when ``deidentify`` is given.
+
+    For a caller that writes the de-identified instance (:func:`tasks.dicom.write.write_deidentified`) without
+    reading the file twice. The data set is a pydicom ``Dataset``: pass it on, do not read values from it outside
+    :mod:`tasks.dicom` (elements not yet converted would be converted with pydicom's global settings).
+
+    Returns:
+        (the decoded image, the data set).
+
+    Raises:
+        DicomError: as :func:`read_dicom`; ``deid_failed`` when ``deidentify`` raises one of pydicom's parse
+            errors (an element it must change does not parse).
+    """
+    with quiet_pydicom():
+        ds = _load_dataset(Path(path))
+        try:
+            photometric = check_usable(ds, color)
+            ids = source_ids(ds, label_key)
+        except parse_errors() as exc:  # an element read lazily, now, does not parse
+            raise DicomError("malformed", library_message(exc)) from None
+        counts = None
+        if deidentify is not None:
+            try:
+                counts = dict(deidentify(ds))
+            except parse_errors() as exc:  # never use (or write) a half-cleaned object
+                raise DicomError("deid_failed", f"de-identification: {library_message(exc)}") from None
+        try:
+            pixels = _decode(ds, photometric, voi)
+            image = _image(ds, photometric, voi, ids, pixels, counts)
+        except parse_errors() as exc:  # a header element read lazily, now, does not parse
+            raise DicomError("malformed", library_message(exc)) from None
+    return image, ds
+
+
+def _image(
+    ds: Any, photometric: str, voi: bool, ids: SourceIds, pixels: np.ndarray, counts: dict[str, int] | None
+) -> DicomImage:
+    """The :class:`DicomImage` of a decoded data set (its non-identifying attributes and geometry)."""
     modality = _text(ds.get("Modality")) or "OT"
     n_frames = int(ds.get("NumberOfFrames") or 1)
-    number = ds.get("InstanceNumber")
     colour = photometric in _COLOR
     unit = "RGB" if colour else "display" if voi else "HU" if modality == "CT" else (
         _text(ds.get("RescaleType")) or "stored")
@@ -475,7 +594,7 @@ def read_dicom(
         n_frames=n_frames,
         window_center=_first_float(ds.get("WindowCenter")),
         window_width=_first_float(ds.get("WindowWidth")),
-        instance_number=_int_or_none(number),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
         photometric=photometric,
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
         sop_class_uid=str(ds.get("SOPClassUID", "")),

@@ -1,11 +1,15 @@
-"""Writing DICOM: the synthetic cohort's CT slices (Explicit VR Little Endian, with file meta information)."""
+"""Writing DICOM: the synthetic cohort's CT slices (Explicit VR Little Endian, with file meta information), and
+de-identified instances."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from tasks.dicom.read import DicomError, library_message, parse_errors, quiet_pydicom
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -111,3 +115,46 @@ def write_ct_slice(path: Path | str, stored: np.ndarray, header: CtSliceHeader) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dcmwrite(path, ds, enforce_file_format=True)
+
+
+def write_deidentified(ds: Any, write_dir: Path | str) -> Path | None:
+    """Write a de-identified instance as DICOM Part 10 to ``<write_dir>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+
+    The UIDs in the name are the instance's own, i.e. the remapped ones. The file meta is completed as pydicom's
+    ``enforce_file_format`` does; the transfer syntax stays the one the file was read with.
+
+    Args:
+        ds: the data set of :func:`tasks.dicom.read.read_instance` called with ``deidentify``.
+        write_dir: the folder of de-identified instances (created).
+
+    Returns:
+        The file written; None for an instance without a SOPInstanceUID (nothing to name it by: not written).
+
+    Raises:
+        ValueError: ``ds`` is not de-identified (PatientIdentityRemoved is not YES): only de-identified
+            instances are written.
+        DicomError: deid_failed when pydicom refuses to write the instance (an element that does not parse or
+            does not fit its VR, file meta it cannot complete); no partial file is left.
+        OSError: the folder or file cannot be written (not the instance's fault).
+    """
+    with quiet_pydicom():  # the elements not yet converted are converted now: without validation, silently
+        if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
+            raise ValueError("write_deidentified: the data set is not de-identified (PatientIdentityRemoved is "
+                             "not YES); read it with read_instance(..., deidentify=...)")
+        if not ds.get("SOPInstanceUID"):
+            return None
+        target = Path(write_dir) / str(ds.get("SeriesInstanceUID") or "no-series") / f"{ds.SOPInstanceUID}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            for _ in ds.iterall():  # convert what the profile left raw: an implicit-VR raw element has no VR
+                pass
+            ds.save_as(target, enforce_file_format=True)
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            if exc.errno is not None:  # the operating system's (disk full, permissions): not the instance's fault
+                raise
+            raise DicomError("deid_failed", f"writing the de-identified copy: {library_message(exc)}") from None
+        except (AttributeError, *parse_errors()) as exc:  # AttributeError: file meta pydicom cannot complete
+            target.unlink(missing_ok=True)
+            raise DicomError("deid_failed", f"writing the de-identified copy: {library_message(exc)}") from None
+    return target

@@ -2,7 +2,9 @@
 
 Every file is read (``ingest.workers`` processes, :mod:`tasks.dicom`), de-identified with the PS3.15 basic profile
 (:mod:`tasks.dicom.profile`), grouped by series, stacked along the slice normal (:mod:`tasks.dicom.series`) and
-selected (``ingest.series``). A file that cannot be used becomes a quarantine row (relative path, reason, detail).
+selected (``ingest.series``). A file that cannot be used becomes a quarantine row (relative path, reason, detail);
+an error that is not the file's (a bug, the environment) stops the run with the file named
+(:class:`UnexpectedReadError`).
 """
 
 from __future__ import annotations
@@ -35,33 +37,61 @@ class Instance:
     study_date: str
 
 
+class UnexpectedReadError(RuntimeError):
+    """Reading a file raised an exception that says nothing about the file: a bug in medpipe, or the environment
+    (a full disk, a missing library). The run stops; the message names the file (relative to the input folder),
+    the cause is chained (and, from a worker process, shown as its remote traceback)."""
 
-def _read_one(path: Path, label_key: str | None, color: str, voi: bool, deidentify: Any,
+
+def _read_one(path: Path, *, root: Path, label_key: str | None, color: str, voi: bool, deidentify: Any,
               write_dir: Path | None) -> DicomImage | DicomError:  # fmt: skip
-    """Worker: a DicomImage or the DicomError explaining why not (returned, so that pool.map keeps going)."""
-    from tasks.dicom import read_dicom
+    """Worker: read, de-identify and decode one file (and write its de-identified copy to ``write_dir``).
+
+    Returns:
+        The image, or the DicomError that quarantines the file (returned, so that pool.map keeps going).
+
+    Raises:
+        UnexpectedReadError: any other exception, with the file's path relative to ``root``.
+    """
+    from tasks.dicom import read_instance, write_deidentified
 
     try:
-        return read_dicom(path, label_key, color=color, voi=voi, deidentify=deidentify, write_dir=write_dir)
+        image, ds = read_instance(path, label_key, color=color, voi=voi, deidentify=deidentify)
+        if write_dir is not None:
+            write_deidentified(ds, write_dir)
+        return image
     except DicomError as exc:
         return exc
-    except Exception as exc:  # a bug or an unforeseen file: quarantine it, never crash the stage
-        return DicomError("unreadable", f"unexpected {type(exc).__name__}: {exc}"[:300])
+    except Exception as exc:  # not the file's fault: stop the run, name the file (no values: the cause is chained)
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        raise UnexpectedReadError(
+            f"{rel}: reading it raised {type(exc).__name__}, which is not an error a bad DICOM file causes "
+            "(those are quarantined): a bug in medpipe or a problem of the environment; see the cause above"
+        ) from exc
 
 
 def read_all(
-    files: list[Path], params: IngestParams, pseudo: Pseudonymizer, write_dir: Path | None, progress: bool = True
-) -> list[DicomImage | DicomError]:
+    files: list[Path], root: Path, params: IngestParams, pseudo: Pseudonymizer, write_dir: Path | None,
+    progress: bool = True,
+) -> list[DicomImage | DicomError]:  # fmt: skip
     """Read, de-identify (PS3.15 basic profile) and decode ``files`` with ``params.workers`` processes.
+
+    Args:
+        files: the files to read, under ``root``.
+        root: the input folder (errors name files relative to it).
+        write_dir: where de-identified instances are written (``<series uid>/<sop uid>.dcm``), or None.
 
     Returns:
         DicomImage | DicomError per file, in the order of ``files``.
+
+    Raises:
+        UnexpectedReadError: a file's read failed for a reason that is not the file's (the first such file).
     """
     from tqdm import tqdm
 
     from tasks.dicom.profile import deidentify
 
-    read = partial(_read_one, label_key=params.label_key, color=params.color, voi=params.voi,
+    read = partial(_read_one, root=root, label_key=params.label_key, color=params.color, voi=params.voi,
                    deidentify=partial(deidentify, pseudo=pseudo, opts=params.deid), write_dir=write_dir)
     bar = partial(tqdm, total=len(files), desc="ingest: read", unit="file", disable=not progress)
     workers = params.workers
@@ -69,7 +99,7 @@ def read_all(
         return list(bar(map(read, files)))
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers) as pool:  # on an error, map's iterator cancels what is queued
         return list(bar(pool.map(read, files, chunksize=max(1, min(32, len(files) // (8 * workers))))))
 
 
@@ -110,12 +140,15 @@ def collect_dicom(
     Returns:
         (files found, images, quarantine rows (relative path, reason, detail), warnings, audit), where the audit
         holds the PS3.15 action counts and the images flagged for burned-in annotation review.
+
+    Raises:
+        UnexpectedReadError: a file's read failed for a reason that is not the file's (a bug, the environment).
     """
     from tasks.dicom.profile import PROFILE_TABLE, audit_counts
     from tasks.dicom.series import SeriesError, select_series, stack_series
 
     files = sorted(p for p in input_dir.rglob("*") if p.is_file() and p.resolve() not in skip)
-    results = read_all(files, params, pseudo, write_dir, progress)
+    results = read_all(files, input_dir, params, pseudo, write_dir, progress)
     quarantine: list[tuple[str, str, str]] = []
     series: dict[str, list[Instance]] = defaultdict(list)
     seen_sop: dict[str, str] = {}

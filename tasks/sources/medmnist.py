@@ -37,12 +37,21 @@ class MedMNISTSplit:
 def official_filename(flag: str, size: int) -> str:
     """``adrenalmnist3d`` + 64 -> ``adrenalmnist3d_64.npz`` (28 px files carry no suffix)."""
     if size not in SIZES:
-        raise MedMNISTError(f"ingest.medmnist_size: {size} is not one of {SIZES}")
+        raise MedMNISTError(f"MedMNIST size {size} is not one of {SIZES}")
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
 
 def resolve(path: str | None, flag: str | None, size: int) -> Path:
-    """Find the .npz: an explicit path, else ``$MEDMNIST_ROOT/<official name>``, else the medmnist download.
+    """Find the .npz that ``ingest.input`` should name (the benchmarks' ``--data`` / ``--dataset`` / ``--size``).
+
+    Args:
+        path: an explicit file; used as it is when given.
+        flag: the MedMNIST flag (``adrenalmnist3d``, any case), looked up as its official file name.
+        size: image side in pixels, one of :data:`SIZES`.
+
+    Returns:
+        ``path``, else ``$MEDMNIST_ROOT/<official name>`` (default root ``~/.medmnist``), else the file the
+        ``medmnist`` package downloads there (online, with the package installed).
 
     Raises:
         MedMNISTError: naming the path looked at and where to put the file.
@@ -50,10 +59,10 @@ def resolve(path: str | None, flag: str | None, size: int) -> Path:
     if path:
         p = Path(path).expanduser()
         if not p.exists():
-            raise MedMNISTError(f"ingest.medmnist_path: {p} does not exist")
+            raise MedMNISTError(f"MedMNIST file {p} does not exist")
         return p
     if not flag:
-        raise MedMNISTError("ingest.medmnist_name: give a MedMNIST flag (e.g. adrenalmnist3d) or ingest.medmnist_path")
+        raise MedMNISTError("give a MedMNIST flag (e.g. adrenalmnist3d) or the path of its .npz")
     name = official_filename(flag.lower(), size)
     root = Path(os.environ.get("MEDMNIST_ROOT", "~/.medmnist")).expanduser()
     if (root / name).exists():
@@ -72,7 +81,7 @@ def resolve(path: str | None, flag: str | None, size: int) -> Path:
         reason = "the download did not produce the file"
     raise MedMNISTError(
         f"MedMNIST file {name} not found in {root} and could not be downloaded ({reason}). "
-        f"Put the official {name} there (or set MEDMNIST_ROOT to its folder, or ingest.medmnist_path to the file)."
+        f"Put the official {name} there (or set MEDMNIST_ROOT to its folder, or give the file's path)."
     )
 
 
