@@ -1,5 +1,6 @@
 # medpipe: the two commands.
-#   make run   install into .venv (first time), then run the whole pipeline on the built-in synthetic cohort
+#   make run   install into .venv (first time), validate params.yaml, then run the whole pipeline on the built-in
+#              synthetic cohort (ARGS="-S train.epochs=2" runs overrides as a DVC experiment instead)
 #   make test  install into .venv (first time), then run the test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -22,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(PY) -m flows.pipeline
+	$(PY) -m tasks.config --quiet params.yaml
+	$(PY) -m flows.pipeline $(ARGS)
 
 test: install
 	$(PY) -m pytest

@@ -6,8 +6,9 @@ The source (:mod:`tasks.sources.dicom_folder`, :mod:`tasks.sources.medmnist`) yi
 file under the input folder is read, de-identified (PS3.15 basic profile), grouped by series and stacked along the
 slice normal. This stage labels them from the label table (:mod:`tasks.sources.labels`), splits them by patient
 (:mod:`tasks.sources.split`, seeded by ``base.split_seed``) and writes them. A file that cannot be used is
-quarantined with a reason; it never stops the stage. Every output is a function of the inputs (no timings, no
-absolute paths). Writes::
+quarantined with a reason; an error that is not the file's (a bug, the environment) stops the stage with the file
+named (:class:`tasks.sources.dicom_folder.UnexpectedReadError`). Every output is a function of the inputs (no
+timings, no absolute paths). Writes::
 
     <output>/arrays/<image_id>.npy   float32, (H, W) for a one-slice series, (D, H, W) otherwise; HU for CT
     <output>/manifest.csv            one row per image, columns MANIFEST_COLUMNS (pseudonymous ids only)

@@ -1,9 +1,9 @@
 """Stage 6: register the exported model in MLflow and alias it ``champion`` or ``challenger``.
 
-Inputs: ``<model>/`` from train (mlflow_run.json, val_metrics.json), ``<export>/`` from export (the .mlpackage,
-model.onnx, export.json) and evaluate's metrics.json. The new version is a pyfunc (:mod:`tasks.coreml.pyfunc`)
-holding the Core ML package and its ONNX sibling, tagged with the git commit, the data hash, the params hash and
-the validation and test metrics.
+Inputs: ``<model>/`` from train (val_metrics.json; the weights' hash finds the MLflow run), ``<export>/`` from
+export (the .mlpackage, model.onnx, export.json) and evaluate's metrics.json. The new version is a pyfunc
+(:mod:`tasks.coreml.pyfunc`) holding the Core ML package and its ONNX sibling, tagged with the git commit, the data
+hash, the params hash, the weights' sha256 and the validation and test metrics.
 
 Promotion rule: the new version becomes ``champion`` when its ``promote.metric`` (a validation metric, from
 val_metrics.json; the test set stays out of model selection) beats the champion's tag of the same name, or when

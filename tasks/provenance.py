@@ -42,7 +42,10 @@ def under_dvc() -> bool:
 
 
 def _lock_path() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or ".") / "dvc.lock"
+    # `dvc exp run --temp/--queue` runs the stage in a temporary copy but sets DVC_ROOT to the parent workspace:
+    # the lock this run updates is the one in the working directory
+    here = Path.cwd() / "dvc.lock"
+    return here if here.exists() else Path(os.environ.get("DVC_ROOT") or ".") / "dvc.lock"
 
 
 def dvc_lock_hash(path: Path | str, lock: Path | None = None) -> str | None:

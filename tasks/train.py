@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from tasks import provenance, tracking
-from tasks.config import TrainParams
+from tasks.config import BaseParams, TrainParams
 from tasks.models.fit import CHECKPOINT, Splits, TorchFit, configure_torch, fit_svm
 from tasks.models.networks import ModelSpec, weights_hash
 
@@ -51,6 +51,11 @@ class RunInfo:
     dataset: str = "synthetic-ct"
     sweep: str | None = None
     seed: int = 42
+
+    @classmethod
+    def from_base(cls, base: BaseParams) -> RunInfo:
+        """The run info of the ``base`` params group."""
+        return cls(experiment=base.experiment, dataset=base.dataset, sweep=base.sweep, seed=base.seed)
 
 
 def load_splits(inputs: Path) -> Splits:
@@ -208,9 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ingest-summary", type=Path, default=Path("data/ingested/summary.json"))
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
-    info = RunInfo(experiment=params.base.experiment, dataset=params.base.dataset, sweep=params.base.sweep,
-                   seed=params.base.seed)  # fmt: skip
-    res = run(params.train, args.input, args.output, args.checkpoints, args.history, args.ingest_summary, info)
+    res = run(params.train, args.input, args.output, args.checkpoints, args.history, args.ingest_summary,
+              RunInfo.from_base(params.base))
     val = ", ".join(f"{k} {v:.4f}" for k, v in res.val_metrics.items())
     print(f"train: {res.spec.family}/{res.spec.arch} best epoch {res.best_epoch}: {val} (MLflow run {res.run_id})")
 

@@ -2,8 +2,9 @@
 per-file path (read, judge, PS3.15 de-identification, decode, de-identified copy), one expected outcome per file.
 
 A file is either decoded (shape from its header, float32, finite, a plausible range for its unit, a de-identified
-copy that says so) or quarantined with the specific reason listed here. Zero crashes: an unexpected exception
-inside ingest's worker would show up as the reason "unreadable", which no file here expects.
+copy that says so) or quarantined with the specific reason listed here. Zero crashes: an exception that is not one
+of the errors pydicom and its plugins raise for a file's data stops ingest's worker (UnexpectedReadError, naming
+the file), and fails the test of that file.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import pytest
 
 from tasks import ingest
 from tasks.config import DeidParams
-from tasks.dicom.pseudonym import Pseudonymizer
 from tasks.dicom import DicomError, DicomImage, read_dicom
 from tasks.dicom.profile import deidentify
+from tasks.dicom.pseudonym import Pseudonymizer
+from tasks.sources.dicom_folder import _read_one
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +129,8 @@ def _plausible(im: DicomImage) -> None:
 def test_every_file_is_decoded_or_quarantined_with_its_reason(corpus: str, rel: str, tmp_path: Path) -> None:
     path = ROOTS[corpus] / rel
     expected = expected_reason(corpus, rel)
-    got = ingest._read_one(path, None, "rgb", False, DEID, tmp_path)  # exactly what ingest's workers run
+    got = _read_one(path, root=ROOTS[corpus], label_key=None, color="rgb", voi=False, deidentify=DEID,
+                    write_dir=tmp_path)  # exactly what ingest's workers run; raises for what is not the file's fault
     if expected is not None:
         assert isinstance(got, DicomError), f"expected quarantine ({expected}), got a decoded image"
         assert got.reason == expected, got.detail
@@ -161,9 +164,9 @@ def test_ingest_accounts_for_every_file_of_a_mixed_folder(make_params, tmp_path:
         shutil.copy(found[0], src / name)
     (src / "notes.txt").write_text("not an image\n")
     (src / "empty.dcm").write_bytes(b"")
-    params = make_params({"ingest.labels_csv": None, "ingest.color": "rgb", "ingest.deid.write_dicom": True,
-                          "ingest.workers": 1})  # fmt: skip
-    res = ingest.run(params, tmp_path / "out", src, None, progress=False)
+    ip = make_params({"ingest.labels_csv": None, "ingest.color": "rgb", "ingest.deid.write_dicom": True,
+                      "ingest.workers": 1}).ingest  # fmt: skip
+    res = ingest.run(ip, tmp_path / "out", input_path=src, progress=False)
     s = res.summary
     assert s["files_found"] == len(SAMPLE) + 2 and s["used"] + s["quarantined"] == s["files_found"]
     assert s["quarantined_by_reason"] == {"empty_file": 1, "no_pixel_data": 2, "not_an_image": 1, "not_dicom": 2,
@@ -196,8 +199,8 @@ def test_multiframe_stacked_or_split(mode: str, rows: int, shape: list[int], mak
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(_corpus_file("emri_small.dcm"), src / "cine.dcm")  # 10 frames, no per-frame positions
-    params = make_params({"ingest.labels_csv": None, "ingest.multiframe": mode, "ingest.workers": 1})
-    res = ingest.run(params, tmp_path / "out", src, None, progress=False)
+    ip = make_params({"ingest.labels_csv": None, "ingest.multiframe": mode, "ingest.workers": 1}).ingest
+    res = ingest.run(ip, tmp_path / "out", input_path=src, progress=False)
     import csv
     import json
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from tasks import export, promote, tracking
-from tasks.models.networks import ModelSpec, load_trained
-from tests._fake import make_preprocessed
-from tests.test_export import make_trained, tiny_params
+from tasks.models.networks import ModelSpec, load_trained, weights_hash
+from tests._fake import PROVENANCE, make_preprocessed, make_trained
+from tests.test_export import run_export, tiny_params
 
 NAME = "medpipe-classifier"
 
@@ -27,23 +27,30 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _train_and_promote(wd: Path, tag: str, val_auc: float, export_dir: Path | None = None) -> promote.PromoteResult:
-    model_dir = make_trained(wd / tag, val_auc=val_auc)
+def _train_and_promote(wd: Path, tag: str, val_auc: float, seed: int,
+                       export_dir: Path | None = None) -> promote.PromoteResult:  # fmt: skip
+    """A fabricated model (weights from ``seed``: each version's own hash finds its own run), exported unless
+    ``export_dir`` is given, then promoted."""
+    model_dir = make_trained(wd / tag, val_auc=val_auc, seed=seed)
+    p = tiny_params()
     if export_dir is None:
         export_dir = wd / "export"
-        export.run(tiny_params(), model_dir, wd / "pre", export_dir)
-    return promote.run(tiny_params(), model_dir, export_dir, wd / "metrics.json", wd / tag / "registry.json")
+        run_export(p, model_dir, wd / "pre", export_dir)
+    return promote.run(p.promote, model_dir, export_dir, wd / "metrics.json", wd / tag / "registry.json",
+                       p.base.model_name)  # fmt: skip
 
 
 @pytest.mark.slow
 def test_champion_then_challenger_then_new_champion_and_serving(workdir: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    first = _train_and_promote(workdir, "v1", 0.80)
+    first = _train_and_promote(workdir, "v1", 0.80, seed=1)
     assert (first.version, first.alias, first.previous_champion) == ("1", "champion", None)
-    second = _train_and_promote(workdir, "v2", 0.70, workdir / "export")
+    second = _train_and_promote(workdir, "v2", 0.70, seed=2, export_dir=workdir / "export")
     assert (second.version, second.alias, second.previous_champion) == ("2", "challenger", "1")
-    third = _train_and_promote(workdir, "v3", 0.90, workdir / "export")
+    third = _train_and_promote(workdir, "v3", 0.90, seed=3, export_dir=workdir / "export")
+    assert len({first.run_id, second.run_id, third.run_id}) == 3, "each version is filed under its model's run"
+    assert third.run_id == tracking.run_for_model(weights_hash(workdir / "v3/model"), workdir / "v3/model")
     assert (third.version, third.alias, third.previous_champion, third.previous_value) == ("3", "champion", "1", 0.8)
 
     assert tracking.alias_version(NAME, "champion") == "3"
@@ -55,7 +62,9 @@ def test_champion_then_challenger_then_new_champion_and_serving(workdir: Path) -
     client = MlflowClient()
     mv = client.get_model_version(NAME, "3")
     assert mv.run_id == third.run_id
-    assert {"git_commit", "dvc_data_hash", "params_hash"} <= set(mv.tags)
+    assert mv.tags["model_sha256"] == weights_hash(workdir / "v3/model")
+    assert (mv.tags["dvc_data_hash"], mv.tags["params_hash"]) == (PROVENANCE["data_hash"], PROVENANCE["params_hash"])
+    assert mv.tags["git_commit"]  # the registry version, not a DVC output, carries the commit
     assert (mv.tags["val_auc"], mv.tags["test_auc"]) == ("0.9", "0.75")
     assert client.get_run(third.run_id).info.status == "FINISHED", "promote ends the pipeline's run"
 
@@ -78,9 +87,11 @@ def test_champion_then_challenger_then_new_champion_and_serving(workdir: Path) -
 
 def test_missing_metric_names_file_and_setting(workdir: Path) -> None:
     model_dir = make_trained(workdir)
-    params = tiny_params(**{"promote.metric": "val_kappa"})
+    p = tiny_params(**{"promote.metric": "val_kappa"})
     with pytest.raises(KeyError, match=r"val_metrics\.json.*promote\.metric"):
-        promote.run(params, model_dir, workdir / "export", workdir / "metrics.json", workdir / "registry.json")
+        promote.run(p.promote, model_dir, workdir / "export", workdir / "metrics.json", workdir / "registry.json",
+                    p.base.model_name)  # fmt: skip
+    assert not (workdir / "registry.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def test_table_is_regenerated_byte_for_byte(sweep: str, tmp_path: Path) -> None:
     assert "ResNet-18+ACS (MedMNIST v2) | | 0.839 | 0.754" in md
     tex = first[1].read_text()
     assert r"\begin{tabular}" in tex and r"0.880 \pm 0.020" in tex and "auto-sklearn & 0.828 & 0.802" in tex
-    assert first[2].suffix == ".png" and first[2].stat().st_size > 1000
+    assert first[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first[2].stat().st_size > 1000
 
 
 def test_unknown_sweep_is_a_clear_error(sweep: str, tmp_path: Path) -> None:

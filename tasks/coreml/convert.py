@@ -137,9 +137,9 @@ def describe(
 def make_deterministic(package: Path) -> None:
     """Rewrite a saved ``.mlpackage`` so that its bytes are a function of the model alone.
 
-    coremltools 9.0 saves two things that differ between two saves of the same model: ``Manifest.json`` gets a
-    random UUID per item (``uuid4``), and the spec ``model.mlmodel`` is serialised with protobuf maps (the
-    metadata, op attributes) in an order that changes from process to process. Here the spec is re-serialised with
+    Two exports of the same model with coremltools 9.0 differ in two ways: each conversion draws a random UUID per
+    item of ``Manifest.json``, and the spec ``model.mlmodel`` is serialised with its protobuf maps (the metadata, op
+    attributes) in an order that changes from process to process. Here the spec is re-serialised with
     protobuf's deterministic (key-sorted) encoding, the same message byte for byte once parsed, and every item
     identifier becomes a ``uuid5`` of the item's path and content digest; the manifest keeps its layout (4-space
     JSON, sorted keys) and its root model entry, so ``ct.models.MLModel`` and ``ct.utils.load_spec`` read it as before.

@@ -245,6 +245,11 @@ def deidentify(ds: Any, pseudo: Pseudonymizer, opts: DeidParams) -> Counter[str]
 
     Returns:
         Counts per action code (see the module table; "P" private elements removed, "PK" kept by the safelist).
+
+    Raises:
+        What pydicom raises converting an element the profile must change when it does not parse (an unknown VR,
+        a length its VR does not allow: :func:`tasks.dicom.read.parse_errors`); ``ds`` is then half-cleaned, and
+        :func:`tasks.dicom.read.read_dicom` quarantines the file as ``deid_failed``.
     """
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence

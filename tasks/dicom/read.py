@@ -10,6 +10,7 @@ changed (:func:`quiet_pydicom` sets and restores it).
 from __future__ import annotations
 
 import logging
+import re
 import struct
 import warnings
 from collections import Counter
@@ -214,21 +215,29 @@ def parse_errors() -> tuple[type[BaseException], ...]:
 def decode_errors() -> tuple[type[BaseException], ...]:
     """The exceptions pydicom's pixel pipeline raises for pixel data it cannot decode: the file's fault.
 
-    Found in pydicom 3.0's ``pixels`` package and by the corpus tests: ``RuntimeError`` (every plugin failed;
-    pydicom's decoder collects what pylibjpeg, openjpeg, libjpeg, rle, gdcm and Pillow raise into one
-    RuntimeError, and raises it too when a plugin's dependencies are missing), ``NotImplementedError`` (a
-    transfer syntax or bit depth no plugin supports), ``AttributeError`` (a required group 0028 element or the
-    transfer syntax missing), ``ValueError`` (an invalid group 0028 value, pixel data shorter than the header
-    says), ``IndexError`` (a LUT descriptor that does not fit its data), plus :func:`parse_errors` (encapsulated
-    fragments and LUT elements are parsed on the way). Catch them only around pydicom's pixel and LUT calls.
+    Found in pydicom 3.0's ``pixels`` package, by the corpus tests and by reading damaged files:
+    ``RuntimeError`` (every plugin failed: pydicom's decoder collects what pylibjpeg, openjpeg, libjpeg, rle, gdcm
+    and Pillow raise into one RuntimeError, and raises it too when a plugin's dependencies are missing),
+    ``NotImplementedError`` (a transfer syntax or bit depth no plugin supports), ``AttributeError`` (a required
+    group 0028 element or the transfer syntax missing), ``ValueError`` (an invalid group 0028 value, pixel data
+    shorter than the header says), ``TypeError`` (pydicom computes with the file's values as given: text where a
+    number belongs, since values are not validated), ``IndexError`` (a LUT that does not fit its descriptor), plus
+    :func:`parse_errors` (fragments and LUT elements are parsed on the way). Catch them only around a call of
+    pydicom's pixel or LUT functions, where none of medpipe's code runs.
     """
-    return (RuntimeError, AttributeError, IndexError, *parse_errors())
+    return (RuntimeError, AttributeError, TypeError, IndexError, *parse_errors())
+
+
+# Python's conversion errors quote the text they could not convert: a value of the file, never put in a detail.
+_QUOTED_VALUE = re.compile(r"(invalid literal for \w+\(\) with base \d+|could not convert string to \w+): [^\n]*")
 
 
 def library_message(exc: BaseException) -> str:
     """``<type>: <message>`` of a library exception for a quarantine detail: one line, at most 300 characters,
-    without the traceback pydicom appends to errors it re-raises with a tag."""
+    without the traceback pydicom appends to errors it re-raises with a tag, and without the value that Python's
+    int()/float() errors quote (pydicom converts IS/DS values with them)."""
     text = str(exc).split("\nTraceback (most recent call last)")[0]
+    text = _QUOTED_VALUE.sub(r"\1: <value not shown>", text)
     return " ".join(f"{type(exc).__name__}: {text}".split())[:300]
 
 
@@ -555,12 +564,15 @@ def read_instance(
         DicomError: as :func:`read_dicom`; ``deid_failed`` when ``deidentify`` raises one of pydicom's parse
             errors (an element it must change does not parse).
     """
+    # check_usable, source_ids and _image only read elements (pydicom converts each on first access) and parse
+    # values defensively; _decode turns what pydicom's pixel functions raise into reasons itself. So the parse
+    # errors caught around them are pydicom's, on an element that does not parse.
     with quiet_pydicom():
         ds = _load_dataset(Path(path))
         try:
             photometric = check_usable(ds, color)
             ids = source_ids(ds, label_key)
-        except parse_errors() as exc:  # an element read lazily, now, does not parse
+        except parse_errors() as exc:
             raise DicomError("malformed", library_message(exc)) from None
         counts = None
         if deidentify is not None:
@@ -571,7 +583,7 @@ def read_instance(
         try:
             pixels = _decode(ds, photometric, voi)
             image = _image(ds, photometric, voi, ids, pixels, counts)
-        except parse_errors() as exc:  # a header element read lazily, now, does not parse
+        except parse_errors() as exc:
             raise DicomError("malformed", library_message(exc)) from None
     return image, ds
 

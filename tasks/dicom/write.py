@@ -121,7 +121,9 @@ def write_deidentified(ds: Any, write_dir: Path | str) -> Path | None:
     """Write a de-identified instance as DICOM Part 10 to ``<write_dir>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
 
     The UIDs in the name are the instance's own, i.e. the remapped ones. The file meta is completed as pydicom's
-    ``enforce_file_format`` does; the transfer syntax stays the one the file was read with.
+    ``enforce_file_format`` does; the transfer syntax stays the one the file was read with. The instance is
+    encoded in memory first, so that what pydicom refuses (the instance's fault) and what the disk refuses (the
+    environment's) stay apart, and no partial file is left.
 
     Args:
         ds: the data set of :func:`tasks.dicom.read.read_instance` called with ``deidentify``.
@@ -133,28 +135,35 @@ def write_deidentified(ds: Any, write_dir: Path | str) -> Path | None:
     Raises:
         ValueError: ``ds`` is not de-identified (PatientIdentityRemoved is not YES): only de-identified
             instances are written.
-        DicomError: deid_failed when pydicom refuses to write the instance (an element that does not parse or
-            does not fit its VR, file meta it cannot complete); no partial file is left.
-        OSError: the folder or file cannot be written (not the instance's fault).
+        DicomError: deid_failed when pydicom cannot encode the instance (an element that does not parse or does
+            not fit its VR, file meta it cannot complete).
+        OSError: the folder or the file cannot be written (not the instance's fault).
     """
+    import io
+
     with quiet_pydicom():  # the elements not yet converted are converted now: without validation, silently
         if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
-            raise ValueError("write_deidentified: the data set is not de-identified (PatientIdentityRemoved is "
-                             "not YES); read it with read_instance(..., deidentify=...)")
+            raise ValueError(
+                "write_deidentified: the data set is not de-identified (PatientIdentityRemoved is not YES); "
+                "read it with read_instance(..., deidentify=...)"
+            )
         if not ds.get("SOPInstanceUID"):
             return None
         target = Path(write_dir) / str(ds.get("SeriesInstanceUID") or "no-series") / f"{ds.SOPInstanceUID}.dcm"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
         try:
             for _ in ds.iterall():  # convert what the profile left raw: an implicit-VR raw element has no VR
                 pass
-            ds.save_as(target, enforce_file_format=True)
-        except OSError as exc:
-            target.unlink(missing_ok=True)
-            if exc.errno is not None:  # the operating system's (disk full, permissions): not the instance's fault
-                raise
-            raise DicomError("deid_failed", f"writing the de-identified copy: {library_message(exc)}") from None
+            ds.save_as(buffer, enforce_file_format=True)
+        except TypeError as exc:
+            # pydicom re-raises an element's encoding error as type(exc)(message), which fails for a
+            # UnicodeEncodeError (a value its character set cannot encode): that TypeError is the value's fault
+            if not isinstance(exc.__context__, UnicodeError):
+                raise  # a value of the wrong Python type: set by our code, a bug
+            detail = f"writing the de-identified copy: {library_message(exc.__context__)}"
+            raise DicomError("deid_failed", detail) from None
         except (AttributeError, *parse_errors()) as exc:  # AttributeError: file meta pydicom cannot complete
-            target.unlink(missing_ok=True)
             raise DicomError("deid_failed", f"writing the de-identified copy: {library_message(exc)}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(buffer.getvalue())
     return target

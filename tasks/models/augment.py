@@ -42,7 +42,7 @@ def _warp():
                            padding_mode="zeros")
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, cfg: AugmentParams = AugmentParams()) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, gen: torch.Generator, cfg: AugmentParams) -> torch.Tensor:
     """Randomly flip, rotate/scale/translate and intensity-jitter a batch.
 
     Args:

@@ -177,5 +177,6 @@ def predict_proba(model: object, spec: ModelSpec, x, batch_size: int = 64):
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
             xb = torch.as_tensor(np.asarray(x[i : i + batch_size]), device=device).float()
-            out.append(torch.softmax(model(xb), dim=1).double().cpu().numpy())
+            # softmax in float64: rows then sum to 1 within scikit-learn's tolerance (log_loss checks it)
+            out.append(torch.softmax(model(xb).double(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, spec.num_classes))

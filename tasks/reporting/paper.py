@@ -1,7 +1,8 @@
 """The MedMNIST v2 benchmark table (Yang et al., Scientific Data 2023, Tables 3-4): test AUC / ACC per method.
 
-Figures as published, for the comparison rows of ``benchmarks/medmnist.py`` and ``python -m tasks.reporting.report``. Protocol of
-the baselines: 100 epochs, Adam 1e-3, the checkpoint with the best validation AUC tested; ACC at argmax.
+Figures as published, for the comparison rows of ``benchmarks/medmnist.py`` and
+``python -m tasks.reporting.report``. Protocol of the baselines: 100 epochs, Adam 1e-3, the checkpoint with the best
+validation AUC tested; ACC at argmax.
 """
 
 from __future__ import annotations
