@@ -8,7 +8,8 @@ hash, the params hash, the weights' sha256 and the validation and test metrics.
 Promotion rule: the new version becomes ``champion`` when its ``promote.metric`` (a validation metric, from
 val_metrics.json; the test set stays out of model selection) beats the champion's tag of the same name, or when
 there is no champion yet; otherwise it becomes ``challenger``. A champion without that tag cannot be compared and
-is kept: the new version is the challenger and a person decides. Output: ``registry.json``. This is the last stage,
+is kept: the new version is the challenger and a person decides. A run inside a DVC experiment (``DVC_EXP_NAME``
+set: the flow's overrides, ``dvc exp run``) is registered but never takes ``champion``. Output: ``registry.json``. This is the last stage,
 so it ends the MLflow run.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,10 @@ def run(pp: PromoteParams, model_dir: Path, export_dir: Path, metrics_path: Path
         tuple(record["input_shape"]), list(record["class_names"]), coreml_pyfunc.pip_requirements(),
     )
     alias, reason = decide(val[metric], champion, champion_value, pp.greater_is_better, metric)
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment and alias == tracking.CHAMPION:  # overrides are trials: what is committed becomes the champion
+        alias, reason = tracking.CHALLENGER, (f"DVC experiment {experiment}: experiments never take @champion "
+                                              f"(would have: {reason}); `dvc exp apply` and commit it to promote")
     tracking.set_alias(name, alias, version)
     result = PromoteResult(name, version, alias, run_id, metric, val[metric], champion, champion_value, reason)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -42,10 +42,9 @@ def under_dvc() -> bool:
 
 
 def _lock_path() -> Path:
-    # `dvc exp run --temp/--queue` runs the stage in a temporary copy but sets DVC_ROOT to the parent workspace:
-    # the lock this run updates is the one in the working directory
-    here = Path.cwd() / "dvc.lock"
-    return here if here.exists() else Path(os.environ.get("DVC_ROOT") or ".") / "dvc.lock"
+    # a stage runs in dvc.yaml's folder; under `dvc exp run --temp/--queue` that is a temporary copy while DVC_ROOT
+    # names the parent workspace, whose dvc.lock describes other data: read the lock of the working directory
+    return Path("dvc.lock")
 
 
 def dvc_lock_hash(path: Path | str, lock: Path | None = None) -> str | None:

@@ -25,7 +25,9 @@ def tracking_uri() -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    store = Path("mlflow").resolve()
+    # a stage under `dvc exp run --temp/--queue` runs in a temporary copy: DVC_ROOT names the workspace, whose store
+    # outlives the copy
+    store = (Path(os.environ.get("DVC_ROOT") or ".") / "mlflow").resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
 

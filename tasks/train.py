@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
     res = run(params.train, args.input, args.output, args.checkpoints, args.history, args.ingest_summary,
-              RunInfo.from_base(params.base))
+              RunInfo(experiment=params.base.experiment, dataset=params.base.dataset, sweep=params.base.sweep,
+                      seed=params.base.seed))
     val = ", ".join(f"{k} {v:.4f}" for k, v in res.val_metrics.items())
     print(f"train: {res.spec.family}/{res.spec.arch} best epoch {res.best_epoch}: {val} (MLflow run {res.run_id})")
 
