@@ -8,9 +8,9 @@ hash, the params hash, the weights' sha256 and the validation and test metrics.
 Promotion rule: the new version becomes ``champion`` when its ``promote.metric`` (a validation metric, from
 val_metrics.json; the test set stays out of model selection) beats the champion's tag of the same name, or when
 there is no champion yet; otherwise it becomes ``challenger``. A champion without that tag cannot be compared and
-is kept: the new version is the challenger and a person decides. A run inside a DVC experiment (``DVC_EXP_NAME``
-set: the flow's overrides, ``dvc exp run``) is registered but never takes ``champion``. Output: ``registry.json``. This is the last stage,
-so it ends the MLflow run.
+is kept: the new version is the challenger and a person decides. A run inside a DVC experiment
+(``DVC_EXP_NAME`` set: the flow's overrides, ``dvc exp run``) is registered but never takes ``champion``.
+Output: ``registry.json``. This is the last stage, so it ends the MLflow run.
 """
 
 from __future__ import annotations
