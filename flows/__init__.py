@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (which stages, in what order, retries, schedules)."""
