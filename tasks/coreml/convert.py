@@ -130,7 +130,7 @@ def describe(
     mlmodel.short_description, mlmodel.version = short_description, version
     mlmodel.input_description[contract.name] = contract.description
     mlmodel.output_description[LABEL_OUTPUT] = f"Most probable class: one of {', '.join(class_names)}"
-    mlmodel.output_description[PROBS_OUTPUT] = "Probability of each class (softmax over the logits), keyed by class name"
+    mlmodel.output_description[PROBS_OUTPUT] = "Probability of each class (softmax of the logits), by class name"
     mlmodel.user_defined_metadata.update(metadata)
 
 

@@ -13,17 +13,9 @@ importing it is cheap).
   (:func:`write_deidentified`, from the data set :func:`read_instance` returns).
 """
 
-from tasks.dicom.read import (
-    REASONS,
-    DicomError,
-    DicomImage,
-    SourceIds,
-    derive_uid,
-    is_dicom_keyword,
-    quiet_pydicom,
-    read_dicom,
-    read_instance,
-)
+from tasks.dicom.errors import REASONS, DicomError, quiet_pydicom
+from tasks.dicom.image import DicomImage, SourceIds
+from tasks.dicom.read import derive_uid, is_dicom_keyword, read_dicom, read_instance
 from tasks.dicom.write import CT_IMAGE_STORAGE, CtSliceHeader, write_ct_slice, write_deidentified
 
 __all__ = [

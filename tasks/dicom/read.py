@@ -9,35 +9,23 @@ changed (:func:`quiet_pydicom` sets and restores it).
 
 from __future__ import annotations
 
-import logging
-import re
 import struct
-import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# Stable reason codes: they end up in quarantine.csv and summary.json, so only ever add to this set.
-REASONS = (
-    "empty_file",  # zero bytes
-    "unreadable",  # the operating system could not read it
-    "not_dicom",  # no DICOM Part 10 preamble/prefix ("DICM"); read with force=False
-    "truncated",  # the file ends inside an element (header or pixel data)
-    "no_pixel_data",  # a DICOM object without (7FE0,0010) Pixel Data (SR, presentation state, DICOMDIR, ...)
-    "unsupported_photometric",  # not MONOCHROME1/MONOCHROME2 single-sample (RGB, YBR, PALETTE COLOR, ...)
-    "decode_failed",  # pixel data present but could not be decoded (codec missing, corrupt, bad group 0028)
-    "not_an_image",  # pixel data that is not an image to learn from (SEG, RT Dose, raw data): by SOP class
-    "color_rejected",  # RGB / YBR / PALETTE COLOR while ingest.color is "reject" (a grayscale task)
-    "deid_failed",  # the PS3.15 profile could not be applied (an element it must change does not parse), or the
-    # de-identified instance could not be written as Part 10 (ingest.deid.write_dicom)
-    "malformed",  # an element outside the pixel data does not parse (unknown VR, a length its VR does not allow,
-    # a bad character set) or the data set loses sync while it is parsed: a damaged file, not a cut one
+from tasks.dicom.errors import (  # noqa: F401  (REASONS: re-exported for callers of tasks.dicom.read)
+    REASONS,
+    DicomError,
+    decode_errors,
+    library_message,
+    parse_errors,
+    quiet_pydicom,
 )
+from tasks.dicom.image import DicomImage, SourceIds
 
 # SOP classes whose pixel data is not an image (segmentations are labels, RT Dose a dose grid): the segmentation
 # task will read SEG as a label source, not as input images.
@@ -53,106 +41,6 @@ _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_
 
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-class DicomError(Exception):
-    """A file that cannot be used, with a stable ``reason`` code (one of :data:`REASONS`) and a human detail.
-
-    The detail never contains values of identifying attributes: only keywords, sizes and library messages.
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        if reason not in REASONS:
-            raise ValueError(f"unknown DicomError reason {reason!r}; add it to tasks.dicom.REASONS")
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes
-        return (DicomError, (self.reason, self.detail))
-
-
-@dataclass(frozen=True)
-class SourceIds:
-    """Identifying values read from the file. Never write them anywhere: pseudonymise with :mod:`tasks.dicom.pseudonym`.
-
-    Attributes:
-        patient_id: (0010,0020) PatientID, "" when absent.
-        study_uid: (0020,000D) StudyInstanceUID.
-        series_uid: (0020,000E) SeriesInstanceUID.
-        sop_uid: (0008,0018) SOPInstanceUID.
-        study_date: (0008,0020) StudyDate as DICOM DA ``YYYYMMDD``, "" when absent.
-        label_value: the value of the label-key attribute (e.g. AccessionNumber), None when absent.
-    """
-
-    patient_id: str
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    study_date: str
-    label_value: str | None
-
-
-@dataclass(frozen=True)
-class DicomImage:
-    """One decoded DICOM instance.
-
-    Attributes:
-        pixels: float32 array, (H, W) for a single frame or (F, H, W) for a multi-frame object, after the
-            Modality LUT (Hounsfield units for CT) and with MONOCHROME1 inverted so that higher means brighter;
-            colour: RGB with a trailing axis of 3, in its stored integer dtype (uint8/uint16/uint32).
-        modality: (0008,0060) Modality, e.g. "CT".
-        unit: "HU" for CT, otherwise (0028,1054) RescaleType or "stored".
-        rows: (0028,0010) Rows (H).
-        columns: (0028,0011) Columns (W).
-        n_frames: (0028,0008) NumberOfFrames, 1 for single-frame objects.
-        pixel_spacing: (row spacing, column spacing) in mm from PixelSpacing (or ImagerPixelSpacing), or None.
-        slice_thickness: (0018,0050) SliceThickness in mm, or None.
-        image_position: (0020,0032) ImagePositionPatient, x, y, z in mm of the first voxel's centre, or None.
-        image_orientation: (0020,0037) ImageOrientationPatient, row then column direction cosines, or None.
-        window_center: first value of (0028,1050) WindowCenter, or None.
-        window_width: first value of (0028,1051) WindowWidth, or None.
-        instance_number: (0020,0013) InstanceNumber, or None.
-        photometric: (0028,0004) PhotometricInterpretation as stored.
-        transfer_syntax: (0002,0010) TransferSyntaxUID.
-        sop_class_uid: (0008,0016) SOPClassUID (a standard UID, not identifying).
-        ids: identifying values, only for pseudonymisation.
-        frame_positions: per-frame ImagePositionPatient of an enhanced multi-frame object (per-frame functional
-            groups), one (x, y, z) in mm per frame; None for single-frame objects or without per-frame geometry.
-            ``image_orientation``/``pixel_spacing``/``slice_thickness`` then come from the shared (or first
-            per-frame) functional groups.
-        body_part: (0018,0015) BodyPartExamined, upper case, "" when absent.
-        gantry_tilt: (0018,1120) GantryDetectorTilt in degrees, 0.0 when absent.
-        burned_in_annotation: (0028,0301) BurnedInAnnotation as stored ("YES", "NO" or "" when absent).
-        has_overlay: the object carries an overlay plane (group 60xx OverlayData).
-        channels: 1 for grayscale; 3 for colour converted to RGB, then ``pixels`` has a trailing axis of 3.
-        deid_counts: PS3.15 actions applied to the instance (:mod:`tasks.dicom.profile`), None if not applied.
-    """
-
-    pixels: np.ndarray
-    modality: str
-    unit: str
-    rows: int
-    columns: int
-    n_frames: int
-    pixel_spacing: tuple[float, float] | None
-    slice_thickness: float | None
-    image_position: tuple[float, float, float] | None
-    image_orientation: tuple[float, float, float, float, float, float] | None
-    window_center: float | None
-    window_width: float | None
-    instance_number: int | None
-    photometric: str
-    transfer_syntax: str
-    sop_class_uid: str
-    ids: SourceIds
-    frame_positions: tuple[tuple[float, float, float], ...] | None = None
-    body_part: str = ""
-    gantry_tilt: float = 0.0
-    burned_in_annotation: str = ""
-    has_overlay: bool = False
-    channels: int = 1
-    deid_counts: dict[str, int] | None = None
 
 
 def is_dicom_keyword(keyword: str) -> bool:
@@ -196,72 +84,6 @@ def _text(value: Any) -> str:
     if not isinstance(value, str) and hasattr(value, "__iter__"):
         return "\\".join(str(v) for v in value).strip()
     return str(value).strip()
-
-
-def parse_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions pydicom raises for data it cannot parse or convert: the file's fault, never medpipe's.
-
-    Found in pydicom 3.0's ``filereader``, ``values``, ``hooks`` and ``charset`` and by reading damaged files:
-    ``BytesLengthException`` (a value length its VR does not allow), ``NotImplementedError`` (an unknown VR),
-    ``ValueError`` (a bad character set, a number that does not parse), ``OSError`` without an errno ("No tag to
-    read at file position ...": a sequence item header missing), ``struct.error`` and ``EOFError`` (fewer bytes
-    than a header needs). Catch them only around pydicom calls on the file's data.
-    """
-    from pydicom.errors import BytesLengthException
-
-    return (BytesLengthException, NotImplementedError, ValueError, OSError, struct.error, EOFError)
-
-
-def decode_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions pydicom's pixel pipeline raises for pixel data it cannot decode: the file's fault.
-
-    Found in pydicom 3.0's ``pixels`` package, by the corpus tests and by reading damaged files:
-    ``RuntimeError`` (every plugin failed: pydicom's decoder collects what pylibjpeg, openjpeg, libjpeg, rle, gdcm
-    and Pillow raise into one RuntimeError, and raises it too when a plugin's dependencies are missing),
-    ``NotImplementedError`` (a transfer syntax or bit depth no plugin supports), ``AttributeError`` (a required
-    group 0028 element or the transfer syntax missing), ``ValueError`` (an invalid group 0028 value, pixel data
-    shorter than the header says), ``TypeError`` (pydicom computes with the file's values as given: text where a
-    number belongs, since values are not validated), ``IndexError`` (a LUT that does not fit its descriptor), plus
-    :func:`parse_errors` (fragments and LUT elements are parsed on the way). Catch them only around a call of
-    pydicom's pixel or LUT functions, where none of medpipe's code runs.
-    """
-    return (RuntimeError, AttributeError, TypeError, IndexError, *parse_errors())
-
-
-# Python's conversion errors quote the text they could not convert: a value of the file, never put in a detail.
-_QUOTED_VALUE = re.compile(r"(invalid literal for \w+\(\) with base \d+|could not convert string to \w+): [^\n]*")
-
-
-def library_message(exc: BaseException) -> str:
-    """``<type>: <message>`` of a library exception for a quarantine detail: one line, at most 300 characters,
-    without the traceback pydicom appends to errors it re-raises with a tag, and without the value that Python's
-    int()/float() errors quote (pydicom converts IS/DS values with them)."""
-    text = str(exc).split("\nTraceback (most recent call last)")[0]
-    text = _QUOTED_VALUE.sub(r"\1: <value not shown>", text)
-    return " ".join(f"{type(exc).__name__}: {text}".split())[:300]
-
-
-@contextmanager
-def quiet_pydicom() -> Iterator[None]:
-    """For the duration: pydicom neither validates values nor says anything; restored on exit, also on an error.
-
-    pydicom's validation warnings and log records quote attribute values (a patient's name, an id), which must
-    never reach a log; values are judged here instead (geometry parsing, the profile's actions). Uses pydicom's
-    own ``config.disable_value_validation`` (reading and writing validation off, then the previous modes back),
-    lowers the ``pydicom`` logger to CRITICAL and ignores warnings (then restores both). The settings are
-    process-wide: ingest reads in worker processes, never in threads.
-    """
-    from pydicom import config
-
-    logger = logging.getLogger("pydicom")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        with config.disable_value_validation(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _check_not_truncated(ds: Any) -> None:

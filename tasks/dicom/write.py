@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.dicom.read import DicomError, library_message, parse_errors, quiet_pydicom
+from tasks.dicom.errors import DicomError, library_message, parse_errors, quiet_pydicom
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
