@@ -292,6 +292,16 @@ def _parse_set(text: str) -> tuple[str, Any]:
     return key.strip(), YAML(typ="safe").load(value)
 
 
+def registry_lines(reg: dict[str, Any]) -> list[str]:
+    """What the run registered, and the champion when that is another version (registry.json of promote)."""
+    name, version, alias = reg.get("model_name"), reg.get("version"), reg.get("alias")
+    lines = [f"Registered model: models:/{name}/{version} (alias @{alias})"]
+    champion = reg.get("previous_champion")
+    if alias != "champion" and champion and str(champion) != str(version):
+        lines.append(f"Champion:         models:/{name}/{champion} (alias @champion, kept: {reg.get('reason')})")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--repo", default=".")
@@ -323,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                 lo, hi = m[f"test_{k}_ci_low"], m[f"test_{k}_ci_high"]
                 print(f"  {k:<10} {m[f'test_{k}']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
     if reg:
-        print(f"\nRegistered model: models:/{reg.get('model_name')}/{reg.get('version')} (alias @{reg.get('alias')})")
+        print("\n" + "\n".join(registry_lines(reg)))
     if result["experiment"]:
         print(f"\nDVC experiment {result['experiment']}: `dvc exp show`; `dvc exp apply {result['experiment']}` "
               "brings it into the working tree")  # fmt: skip

@@ -341,8 +341,12 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     print(format_summary(result.summary))
+    if result.summary["files_found"] == 0:
+        print(f"ingest: no files found under {args.input or ip.input}", file=sys.stderr)
+        raise SystemExit(1)
     if result.summary["series_built"] == 0:
-        print(f"ingest: no usable image; see {result.quarantine}", file=sys.stderr)
+        print(f"ingest: no usable image among {result.summary['files_found']} file(s); the reasons are in "
+              f"{result.quarantine}", file=sys.stderr)
         raise SystemExit(1)
 
 

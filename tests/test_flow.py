@@ -265,4 +265,18 @@ def test_bad_params_file_fails_the_flow_and_the_cli(tmp_path: Path, harness, cap
         main(["--repo", str(repo), "-S", "train.epochs=2"])
     assert exit_info.value.code == 2
     assert "ingest.val_fraction" in capsys.readouterr().err
-    assert not (repo / "data").exists() and not (repo / "models").exists()
+    assert not (repo / "data").exists(), "a stage ran although params.yaml is invalid"
+    assert sorted(p.name for p in (repo / "models").iterdir()) == ["registry.json"]  # only the committed entry
+
+
+def test_last_lines_name_the_champion_when_the_new_version_is_not_it() -> None:
+    from flows.pipeline import registry_lines
+
+    challenger = {"model_name": "m", "version": "4", "alias": "challenger", "previous_champion": "1",
+                  "reason": "val_auc 0.90 does not beat champion v1 (0.95)"}
+    assert registry_lines(challenger) == [
+        "Registered model: models:/m/4 (alias @challenger)",
+        "Champion:         models:/m/1 (alias @champion, kept: val_auc 0.90 does not beat champion v1 (0.95))",
+    ]
+    champion = {"model_name": "m", "version": "5", "alias": "champion", "previous_champion": "1", "reason": "beats"}
+    assert registry_lines(champion) == ["Registered model: models:/m/5 (alias @champion)"]

@@ -360,3 +360,23 @@ def test_cli_reports_bad_input_without_traceback(tmp_path: Path, capsys: pytest.
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "missing.csv: label table not found" in err and "Traceback" not in err
+
+
+def test_cli_says_an_empty_folder_holds_no_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as info:
+        ingest.main(["--params", str(REPO / "params.yaml"), "--output", str(tmp_path / "out"),
+                     "--input", str(tmp_path / "empty")])  # fmt: skip
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"no files found under {tmp_path / 'empty'}" in err and "quarantine" not in err
+
+
+def test_cli_names_the_count_when_no_file_is_usable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit) as info:
+        ingest.main(["--params", str(REPO / "params.yaml"), "--output", str(tmp_path / "out"),
+                     "--input", str(tmp_path / "junk")])  # fmt: skip
+    assert info.value.code == 1
+    assert "no usable image among 1 file(s)" in capsys.readouterr().err
