@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install run test test-fast lint ui prefect-ui
+.PHONY: install run test test-fast lint ui prefect-ui deploy worker
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,4 +39,14 @@ ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --port 5000
 
 prefect-ui: install
-	$(VENV)/bin/prefect server start
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+# the work-pool deployment of prefect.yaml, against the server `make prefect-ui` starts (or PREFECT_API_URL's)
+POOL ?= medpipe-process
+deploy worker: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+deploy: install
+	$(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(VENV)/bin/prefect work-pool create $(POOL) --type process
+	$(VENV)/bin/prefect --no-prompt deploy --all
+
+worker: install
+	$(VENV)/bin/prefect worker start --pool $(POOL)

@@ -6,8 +6,9 @@
 A scheduled run passes no overrides, so it runs what is in the repository's params.yaml (the committed settings; the
 flow itself never writes that file). It needs a Prefect API to register with: start one with
 ``prefect server start`` and set ``PREFECT_API_URL=http://127.0.0.1:4200/api`` (the UI is then at
-http://127.0.0.1:4200). For a work pool on a real server, ``prefect deploy --all`` uses the same definition from
-``prefect.yaml`` (tests/test_flow.py checks that the two agree).
+http://127.0.0.1:4200). For a work pool on a real server, ``make deploy`` (``prefect deploy --all``) registers the same
+flow, schedule and parameters from ``prefect.yaml`` under its own name, ``medpipe-nightly``, so the two never replace
+each other (tests/test_prefect_cli.py checks that they agree).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flows.pipeline import pipeline
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
-NAME = "medpipe-nightly"
+NAME = "medpipe-nightly-served"  # prefect.yaml's work-pool deployment is "medpipe-nightly"
 DEFAULT_CRON = "0 2 * * *"
 TIMEZONE = "UTC"
 
@@ -44,9 +45,11 @@ def build_deployment(cron: str = DEFAULT_CRON, repo: str = ".") -> RunnerDeploym
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
-    ap.add_argument("--cron", default=DEFAULT_CRON)
-    ap.add_argument("--repo", default=".")
+    ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--cron", default=DEFAULT_CRON,
+                    help=f"five-field cron expression, in {TIMEZONE}, for the scheduled runs")
+    ap.add_argument("--repo", default=".", help="the medpipe repository (git + DVC) the scheduled runs work in")
     a = ap.parse_args(argv)
     from prefect import serve
 

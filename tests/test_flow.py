@@ -24,31 +24,6 @@ EXP_OVERRIDES = {"train.epochs": 2, "base.seed": 3}
 # --- no flow run --------------------------------------------------------------------------------------------------
 
 
-def test_build_deployment_is_the_committed_nightly_run() -> None:
-    """flows.serve builds the same deployment prefect.yaml declares: name, cron (UTC), entrypoint, no overrides."""
-    from prefect.flows import load_flow_from_entrypoint
-
-    from flows.pipeline import pipeline
-    from flows.serve import build_deployment
-    from tasks.config import read_yaml
-
-    dep = build_deployment("0 */6 * * *", repo="/srv/medpipe")
-    assert dep.name == "medpipe-nightly" and dep.flow_name == pipeline.name
-    assert [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules] == [("0 */6 * * *", "UTC")]
-    assert dep.parameters == {"repo": "/srv/medpipe"}  # no overrides: the scheduled run uses params.yaml as committed
-
-    default = build_deployment()
-    declared = read_yaml(REPO / "prefect.yaml")["deployments"]
-    assert [d["name"] for d in declared] == [default.name]
-    (yaml_dep,) = declared
-    assert [(s["cron"], s["timezone"]) for s in yaml_dep["schedules"]] == [
-        (s.schedule.cron, s.schedule.timezone) for s in default.schedules
-    ]
-    assert yaml_dep["parameters"] == default.parameters == {"repo": "."}
-    assert yaml_dep["entrypoint"] == default.entrypoint
-    assert load_flow_from_entrypoint(str(REPO / yaml_dep["entrypoint"])).name == pipeline.name
-
-
 @pytest.mark.parametrize(
     "value",
     [2, 0.001, 1e-05, True, None, "cnn", "1", "null", [32, 32], [], ["a b", "c"], "it's", "C:\\data\\", "${x}", ""],
