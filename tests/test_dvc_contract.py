@@ -31,7 +31,10 @@ PROJECT_PACKAGES = ("tasks", "flows")
 
 # command-line flags that name what a stage reads / writes (``--params`` is the params file: DVC tracks its keys)
 INPUT_FLAGS = ("--input", "--model", "--data", "--export", "--metrics", "--ingest-summary")
-OUTPUT_FLAGS = ("--output", "--checkpoints", "--history")
+OUTPUT_FLAGS = ("--output", "--history")
+# scratch a stage keeps between attempts (train's resume checkpoint): never an out (a `persist` out switches off DVC's
+# run cache), never a dep, and git-ignored
+SCRATCH_FLAGS = ("--checkpoints",)
 # params keys whose value is a path the stage reads (the input does not appear on the command line)
 INPUT_KEY = "ingest.input"  # the data set ingest reads: a DICOM folder (its label table inside) or a MedMNIST .npz
 PARAM_INPUTS = {"ingest": (INPUT_KEY,)}
@@ -422,6 +425,14 @@ def test_data_args_are_deps_and_outs(name: str) -> None:
         value = stage.flag(flag)
         if value is not None and not declared(_posix(value), stage.outs):
             problems.append(f"{flag} {value} is not an out")
+    for flag in SCRATCH_FLAGS:
+        value = stage.flag(flag)
+        if value is not None:
+            if declared(_posix(value), stage.outs) or declared(_posix(value), stage.deps):
+                problems.append(f"{flag} {value} is scratch: declared as a dep or out it defeats the run cache")
+            ignored = subprocess.run(["git", "check-ignore", "-q", f"{_posix(value)}/x"], cwd=REPO)
+            if ignored.returncode != 0:
+                problems.append(f"{flag} {value} is scratch and must be git-ignored")
     if name in PARAM_INPUTS:
         from tasks.config import load_params
 
