@@ -21,19 +21,35 @@ from typing import Any
 UNKNOWN = "unknown"
 
 
+# what a run's result depends on as code: sources and the pipeline's definition. What DVC itself rewrites during a run
+# (dvc.lock, the committed metrics and registry entry) and params.yaml (recorded key by key as MLflow params) are not
+# code: a fresh clone's `make run` rewrites dvc.lock, and that must not mark the run as built from changed code.
+CODE_PATHSPECS = ("*.py", "dvc.yaml", "pyproject.toml", "prefect.yaml", "Makefile")
+
+
 def git_commit(cwd: Path | None = None) -> str:
-    """The current git commit (with ``-dirty`` when tracked files have changes), or ``unknown``."""
+    """The commit the code ran at (``git rev-parse HEAD``), or ``unknown`` outside a git checkout.
+
+    Whether the tracked code differed from it is :func:`code_changes`, recorded beside it.
+    """
     try:
-        sha = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=cwd
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True,
-            cwd=cwd,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return UNKNOWN
-    return f"{sha}-dirty" if dirty else sha
+
+
+def code_changes(cwd: Path | None = None) -> list[str] | None:
+    """Tracked code files (:data:`CODE_PATHSPECS`) that differ from HEAD, staged or not; None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "diff", "--name-only", "HEAD", "--", *CODE_PATHSPECS], capture_output=True, text=True,
+            check=True, cwd=cwd,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sorted(filter(None, out.splitlines()))
 
 
 def under_dvc() -> bool:
