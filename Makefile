@@ -20,7 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+# the page `dvc plots show` renders into (.dvc/config), with Vega inlined from the installed package: offline plots
+.dvc/plots.html: $(VENV)/.installed tasks/reporting/plots_page.py
+	$(PY) -m tasks.reporting.plots_page --output $@
+
+install: $(VENV)/.installed .dvc/plots.html
 
 run: install
 	$(PY) -m tasks.config --quiet params.yaml
