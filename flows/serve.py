@@ -17,6 +17,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from flows.pipeline import pipeline
+from tasks.config import HelpFormatter
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -46,7 +47,7 @@ def build_deployment(cron: str = DEFAULT_CRON, repo: str = ".") -> RunnerDeploym
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--cron", default=DEFAULT_CRON,
                     help=f"five-field cron expression, in {TIMEZONE}, for the scheduled runs")
     ap.add_argument("--repo", default=".", help="the medpipe repository (git + DVC) the scheduled runs work in")

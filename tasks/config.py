@@ -6,6 +6,7 @@ fail before any work is done, with a message that names the file, the dotted key
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -318,6 +319,16 @@ def write_overrides(path: Path | str, overrides: dict[str, Any]) -> Params:
     return params
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The stages' and flows' ``--help``: each option's help ends with its default, unless it has none (a required
+    option, a flag, an optional input that falls back to a params key: the help says what then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def load_params_or_exit(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
     """:func:`load_params` for a CLI: on bad params print the message and exit with status 2, before any work."""
     import sys
@@ -332,11 +343,11 @@ def load_params_or_exit(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, 
 def main(argv: list[str] | None = None) -> None:
     """``python -m tasks.config [params.yaml] [--quiet]``: validate the whole file; print it, or fail naming the key
     (exit status 2). ``make`` and the flow run this before DVC decides anything."""
-    import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m tasks.config", description=main.__doc__.splitlines()[0])
-    ap.add_argument("params", nargs="?", default=str(DEFAULT_PARAMS))
+    ap = argparse.ArgumentParser(prog="python -m tasks.config", description=main.__doc__.splitlines()[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("params", nargs="?", default=str(DEFAULT_PARAMS), help="the params file to validate")
     ap.add_argument("--quiet", action="store_true", help="print nothing when the file is valid")
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)

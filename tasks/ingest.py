@@ -306,14 +306,22 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: parse arguments, load params, call :func:`run`, print the summary."""
     import sys
 
-    from tasks.config import DEFAULT_PARAMS, load_params_or_exit
+    from tasks.config import DEFAULT_PARAMS, HelpFormatter, load_params_or_exit
+    from tasks.noise import silence_known_noise
 
-    parser = argparse.ArgumentParser(prog="python -m tasks.ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
-    parser.add_argument("--output", type=Path, required=True, help="output folder, e.g. data/ingested")
-    parser.add_argument("--input", type=Path, default=None, help="DICOM folder or .npz (default: ingest.input)")
+    silence_known_noise()
+    parser = argparse.ArgumentParser(prog="python -m tasks.ingest", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS,
+                        help="the params file; reads its ingest group and base.class_names / base.split_seed")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="folder for the de-identified manifest, splits, quarantine.csv and summary.json, "
+                             "e.g. data/ingested")  # fmt: skip
+    parser.add_argument("--input", type=Path, default=None,
+                        help="a DICOM folder or a MedMNIST .npz to ingest instead of params' ingest.input "
+                             "(default: ingest.input)")  # fmt: skip
     parser.add_argument("--labels", type=Path, default=None,
-                        help="label CSV (default: ingest.labels_csv inside ingest.input: with another --input and no "
+                        help="label CSV (default: ingest.labels_csv inside ingest.input; with another --input and no "
                              "--labels the folder is ingested without labels)")  # fmt: skip
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)

@@ -52,11 +52,18 @@ def auc(y: np.ndarray, proba: np.ndarray, positive_class: int = 1) -> float:
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(y)
+    # undefined with one class present (a small split, a bootstrap resample): NaN, decided here rather than by
+    # sklearn, which warns once per call (a thousand UndefinedMetricWarnings from one bootstrap)
+    if proba.shape[1] == 2:
+        yb = (y == positive_class).astype(int)
+        if len(np.unique(yb)) < 2:
+            return float("nan")
+        return float(roc_auc_score(yb, proba[:, positive_class]))
+    if len(np.unique(y)) < 2:
+        return float("nan")
     try:
-        if proba.shape[1] == 2:
-            return float(roc_auc_score((y == positive_class).astype(int), proba[:, positive_class]))
         return float(roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=np.arange(proba.shape[1])))
-    except ValueError:  # a single class present
+    except ValueError:  # a class of `labels` absent from y: one-vs-rest is undefined for it
         return float("nan")
 
 

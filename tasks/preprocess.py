@@ -214,12 +214,18 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.config import load_params_or_exit
+    from tasks.config import HelpFormatter, load_params_or_exit
+    from tasks.noise import silence_known_noise
 
-    ap = argparse.ArgumentParser(prog="python -m tasks.preprocess", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--input", type=Path, default=Path("data/ingested"))
-    ap.add_argument("--output", type=Path, default=Path("data/preprocessed"))
+    silence_known_noise()
+    ap = argparse.ArgumentParser(prog="python -m tasks.preprocess", description=__doc__.splitlines()[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--params", default="params.yaml",
+                    help="the params file; reads its preprocess group and base.class_names / base.positive_class")
+    ap.add_argument("--input", type=Path, default=Path("data/ingested"),
+                    help="ingest's output folder (the manifest and splits)")
+    ap.add_argument("--output", type=Path, default=Path("data/preprocessed"),
+                    help="folder for the cached tensors (<split>_x.npy, <split>_y.npy, <split>_ids.csv) and meta.json")
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
     result = run(params.preprocess, args.input, args.output, params.base.class_names, params.base.positive_class)

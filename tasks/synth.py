@@ -308,11 +308,16 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m tasks.synth --output data/synthetic [--params params.yaml]``."""
-    from tasks.config import DEFAULT_PARAMS, load_params_or_exit
+    from tasks.config import DEFAULT_PARAMS, HelpFormatter, load_params_or_exit
+    from tasks.noise import silence_known_noise
 
-    parser = argparse.ArgumentParser(prog="python -m tasks.synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params.yaml (uses its synth group)")
-    parser.add_argument("--output", type=Path, required=True, help="output folder, e.g. data/synthetic")
+    silence_known_noise()
+    parser = argparse.ArgumentParser(prog="python -m tasks.synth", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS,
+                        help="the params file; this stage reads its synth group (cohort size, image size, seed)")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="folder to write the synthetic DICOM cohort and its labels.csv into, e.g. data/synthetic")
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
     res = run(params.synth, args.output)

@@ -114,8 +114,11 @@ def convert(traced: Any, contract: InputContract, class_names: list[str], target
         )
     else:
         inp = ct.TensorType(name=contract.name, shape=contract.shape, dtype=np.float32)
+    # naming the traced probabilities keeps coremltools from renaming its graph-numbered output ('206' -> 'var_206',
+    # with a warning); the classifier's own outputs stay LABEL_OUTPUT and PROBS_OUTPUT
     return ct.convert(
-        traced, inputs=[inp], classifier_config=ct.ClassifierConfig(class_names),
+        traced, inputs=[inp], outputs=[ct.TensorType(name="probabilities")],
+        classifier_config=ct.ClassifierConfig(class_names),
         convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
         minimum_deployment_target=getattr(ct.target, target),
     )
