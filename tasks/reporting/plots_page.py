@@ -60,8 +60,10 @@ def write_page(output: Path = DEFAULT_OUTPUT) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tasks.config import HelpFormatter
+
     ap = argparse.ArgumentParser(prog="python -m tasks.reporting.plots_page", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                     help="where to write the page; .dvc/config's plots.html_template names .dvc/plots.html")
     a = ap.parse_args(argv)

@@ -158,10 +158,14 @@ def run(experiment: str, sweep: str, output: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tasks.reporting.report", description=__doc__.splitlines()[0])
+    from tasks.config import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.reporting.report", description=__doc__.splitlines()[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--sweep", required=True, help="the sweep name (base.sweep of its runs)")
-    ap.add_argument("--experiment", default="medpipe", help="MLflow experiment (base.experiment)")
-    ap.add_argument("--out", type=Path, default=Path("reports/results"))
+    ap.add_argument("--experiment", default="medpipe", help="MLflow experiment the sweep ran in (base.experiment)")
+    ap.add_argument("--out", type=Path, default=Path("reports/results"),
+                    help="folder for <sweep>.md, <sweep>.tex and <sweep>_roc.png")
     args = ap.parse_args(argv)
     try:
         paths = run(args.experiment, args.sweep, args.out)
