@@ -12,61 +12,62 @@ tagged ``dvc.exp_name``), and the working tree keeps its params, outputs and ``d
     python -m flows.pipeline                                   # the pipeline on params.yaml, in the working tree
     python -m flows.pipeline -S train.epochs=2 -S base.seed=3  # a DVC experiment; params.yaml is left as it is
     python -m flows.pipeline --epochs 2 --seed 3               # the same, with the shortcut flags
+
+Each stage's output is relayed line by line as it comes (:mod:`flows.stream`). A failed stage fails its task with
+the stage's own error line(s); only transient errors are retried (:mod:`flows.failures`). The CLI prints a failure
+as one message on stderr and writes the full log, tracebacks included, to ``reports/logs/flow-<time>.log``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows.failures import StageFailed, failure_message, retry_if_transient, run_log
+from flows.stream import TerminalBar, stage_env, stream
+
 STAGES = ("synth", "ingest", "preprocess", "train", "evaluate", "export", "promote")
-# stages that talk to something outside the repo (a mounted DICOM share, the MLflow server) get more retries
-RETRIES = {"ingest": 2, "train": 1, "promote": 3}
+# Retries are for transient errors only (flows.failures.is_transient: I/O, network, a server, a DVC lock held):
+# a stage that rejects its input fails at once. Stages that talk to something outside the repo (a mounted DICOM
+# share, the MLflow server) get more tries.
+RETRIES = {**dict.fromkeys(STAGES, 1), "ingest": 2, "promote": 3}
+RETRY_DELAY_S = 5
 METRICS = "reports/evaluate/metrics.json"
+DETAILS = "reports/evaluate/details.json"  # the metrics' confidence intervals (when evaluate writes them)
 REGISTRY = "models/registry.json"
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for DVC: this interpreter's bin/ first, so `python` in dvc.yaml is the project's venv."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(extra or {})
-    return env
+LOG_DIR = "reports/logs"  # the CLI's run logs (git-ignored: /reports/* in .gitignore)
 
 
 def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run a quiet DVC command (status, exp show) and capture its output."""
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=_env(), capture_output=True, text=True)
+    env = stage_env(terminal=False)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def _stream(args: list[str], cwd: Path, env: dict[str, str], log: Callable[[str], None]) -> tuple[int, list[str]]:
-    """Run a command and hand each line of its output (stdout and stderr) to ``log`` as it comes.
+def _dvc_error(res: subprocess.CompletedProcess, *args: str, cwd: Path) -> list[str]:
+    """What a failed quiet DVC command said. ``--json`` makes DVC print nothing on an error (an unreadable
+    params.yaml, an invalid dvc.yaml): the command is rerun without it to get DVC's message."""
+    text = f"{res.stdout}{res.stderr}".strip()
+    if not text and "--json" in args:
+        again = _dvc(*[a for a in args if a != "--json"], cwd=cwd)
+        text = f"{again.stderr}{again.stdout}".strip()
+    return [line.rstrip() for line in text.splitlines() if line.strip()]
 
-    Progress bars redraw a line with carriage returns: only the last state of such a line is logged.
 
-    Returns:
-        (exit status, the logged lines).
-    """
-    lines: list[str] = []
-    with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1].rstrip()
-            if line:
-                lines.append(line)
-                log(line)
-    return proc.returncode, lines
+def _relay(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run a DVC command in a task, each line of its output logged as it comes and a progress bar drawn live when
+    the console is a terminal (:func:`flows.stream.stream`)."""
+    logger = get_run_logger()
+    bar = TerminalBar() if env.get("MEDPIPE_PROGRESS") == "1" else None
+    return stream(args, cwd, env, logger.info, bar)
 
 
 @task(name="validate-params")
@@ -81,25 +82,34 @@ def check_params(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return load_params(repo / "params.yaml", overrides).model_dump(mode="json")
 
 
-@task(name="dvc-status")
+@task(name="dvc-status", retries=2, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_if_transient)
 def changed_stages(repo: Path) -> list[str]:
-    """Stages DVC considers changed (code, data, params or missing outputs)."""
+    """Stages DVC considers changed (code, data, params or missing outputs).
+
+    Raises:
+        StageFailed: ``dvc status`` failed; it carries DVC's error (e.g. an invalid dvc.yaml, with its line).
+    """
     res = _dvc("status", "--json", cwd=repo)
     if res.returncode != 0:
-        raise RuntimeError(f"dvc status failed in {repo}:\n{res.stdout}{res.stderr}")
+        raise StageFailed("dvc status", res.returncode, _dvc_error(res, "status", "--json", cwd=repo))
     status = json.loads(res.stdout or "{}")
     return [s for s in STAGES if any(k == s or k.endswith(f":{s}") for k in status)]
 
 
 def _stage_task(stage: str):
-    @task(name=f"stage-{stage}", retries=RETRIES.get(stage, 0), retry_delay_seconds=5)
+    @task(name=f"stage-{stage}", retries=RETRIES[stage], retry_delay_seconds=RETRY_DELAY_S,
+          retry_condition_fn=retry_if_transient)  # fmt: skip
     def run_stage(repo: Path, force: bool = False) -> dict[str, Any]:
-        logger = get_run_logger()
+        """``dvc repro --single-item <stage>``, its output relayed live.
+
+        Raises:
+            StageFailed: naming the stage and the error line(s) it printed; retried only when transient.
+        """
         t0 = time.perf_counter()
         args = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
-        rc, lines = _stream(args, repo, _env(), logger.info)
+        rc, lines = _relay(args, repo, stage_env())
         if rc != 0:
-            raise RuntimeError(f"stage {stage} failed (dvc repro exit {rc}); see the log above")
+            raise StageFailed.from_output(stage, rc, lines)
         ran = not any("didn't change, skipping" in line for line in lines)
         return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -137,13 +147,13 @@ def _mlflow_uri(repo: Path) -> str:
     """The tracking URI the stages would use in ``repo`` (``tasks.tracking.tracking_uri`` run there): the user's
     ``MLFLOW_TRACKING_URI``, or the repo's own sqlite store under ``<repo>/mlflow/``."""
     res = subprocess.run([sys.executable, "-c", "from tasks.tracking import tracking_uri; print(tracking_uri())"],
-                         cwd=repo, env=_env(), capture_output=True, text=True)  # fmt: skip
+                         cwd=repo, env=stage_env(terminal=False), capture_output=True, text=True)  # fmt: skip
     if res.returncode != 0:
         raise RuntimeError(f"{repo}: could not resolve the MLflow tracking URI:\n{res.stderr}")
     return res.stdout.strip().splitlines()[-1]
 
 
-@task(name="dvc-exp-run", retries=1, retry_delay_seconds=5)
+@task(name="dvc-exp-run", retries=1, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_if_transient)
 def run_experiment(repo: Path, overrides: dict[str, Any], name: str, force: bool = False) -> dict[str, Any]:
     """All stages as one DVC experiment (``dvc exp run --temp``) in a temporary copy of the workspace.
 
@@ -153,16 +163,20 @@ def run_experiment(repo: Path, overrides: dict[str, Any], name: str, force: bool
 
     Returns:
         ``{"stages": [{"stage", "ran"}...], "seconds": float}``.
+
+    Raises:
+        StageFailed: naming the experiment, the stage that failed and its error line(s); retried only when transient.
     """
     logger = get_run_logger()
     t0 = time.perf_counter()
     sets = [a for k, v in _flat(overrides).items() for a in ("-S", f"{k}={_hydra_value(v)}")]
     args = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", name, *(["--force"] if force else []), *sets]
-    env = _env({"MLFLOW_TRACKING_URI": _mlflow_uri(repo)})
+    env = stage_env({"MLFLOW_TRACKING_URI": _mlflow_uri(repo)})
     logger.info("experiment %s: %s", name, " ".join(args[2:]))
-    rc, lines = _stream(args, repo, env, logger.info)
+    rc, lines = _relay(args, repo, env)
     if rc != 0:
-        raise RuntimeError(f"experiment {name} failed (dvc exp run exit {rc}); see the log above")
+        running = [m[1] for line in lines if (m := re.match(r"Running stage '([\w-]+)'", line))]
+        raise StageFailed.from_output(running[-1] if running else "dvc exp run", rc, lines, experiment=name)
     stages = []
     for line in lines:
         for stage in STAGES:
@@ -184,7 +198,8 @@ def experiment_results(repo: Path, name: str, overrides: dict[str, Any]) -> dict
     grammar read differently from the schema-validated one fails here, naming the key.
 
     Returns:
-        ``{"rev": str, "params": {...}, "metrics": {...}, "registry": {...}}``.
+        ``{"rev": str, "params": {...}, "metrics": {...}, "registry": {...}, "details": {...}}`` (details: the
+        metrics' confidence intervals, ``{}`` when the experiment's commit does not hold them).
     """
     res = _dvc("exp", "show", "--json", cwd=repo)
     if res.returncode != 0:
@@ -203,9 +218,14 @@ def experiment_results(repo: Path, name: str, overrides: dict[str, Any]) -> dict
         if node != want:
             raise RuntimeError(f"experiment {name}: params.yaml has {dotted}={node!r}, the override was {want!r}")
     metrics = ((data.get("metrics") or {}).get(METRICS) or {}).get("data") or {}
-    shown = subprocess.run(["git", "show", f"{exp['rev']}:{REGISTRY}"], cwd=repo, capture_output=True, text=True)
-    registry = json.loads(shown.stdout) if shown.returncode == 0 else {}
-    return {"rev": exp["rev"], "params": params, "metrics": metrics, "registry": registry}
+    registry, details = (_committed_json(repo, exp["rev"], path) for path in (REGISTRY, DETAILS))
+    return {"rev": exp["rev"], "params": params, "metrics": metrics, "registry": registry, "details": details}
+
+
+def _committed_json(repo: Path, rev: str, path: str) -> dict[str, Any]:
+    """``path`` as committed at ``rev`` (``{}`` when the commit has no such file)."""
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+    return json.loads(shown.stdout) if shown.returncode == 0 else {}
 
 
 def _experiment_name() -> str:
@@ -247,7 +267,8 @@ def pipeline(
         force: rerun every stage even if DVC says nothing changed.
 
     Returns:
-        ``{"stages": [...], "message": str, "metrics": {...}, "registry": {...}, "experiment": str | None}``.
+        ``{"stages": [...], "message": str, "metrics": {...}, "details": {...}, "registry": {...},
+        "experiment": str | None}``.
 
     Raises:
         tasks.config.ParamsError: params.yaml with the overrides does not match the schema (nothing has run).
@@ -266,7 +287,7 @@ def pipeline(
         message = f"experiment {name}: stages executed: {', '.join(executed) or 'none'} (see `dvc exp show`)"
         print(message)
         return {"stages": ran["stages"], "message": message, "metrics": result["metrics"],
-                "registry": result["registry"], "experiment": name}  # fmt: skip
+                "details": result["details"], "registry": result["registry"], "experiment": name}  # fmt: skip
     if not force and not changed_stages(root):
         message = "Pipeline is up to date: DVC reports no changed stage, so no stage was executed."
         stages: list[dict[str, Any]] = []
@@ -275,7 +296,8 @@ def pipeline(
         message = f"stages executed: {', '.join(s['stage'] for s in stages if s['ran']) or 'none'}"
     print(message)
     return {"stages": stages, "message": message, "metrics": _read_json(root / METRICS),
-            "registry": _read_json(root / REGISTRY), "experiment": None}  # fmt: skip
+            "details": _read_json(root / DETAILS), "registry": _read_json(root / REGISTRY),
+            "experiment": None}  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -292,6 +314,24 @@ def _parse_set(text: str) -> tuple[str, Any]:
     return key.strip(), YAML(typ="safe").load(value)
 
 
+def metric_lines(metrics: dict[str, Any], details: dict[str, Any]) -> list[str]:
+    """One line per headline test metric, with its confidence interval when evaluate recorded one (details.json's
+    ``metrics.<name>.ci_low/ci_high``, or flat ``<name>_ci_low/_ci_high`` keys beside the metric)."""
+    cis, level = details.get("metrics") or {}, (details.get("ci") or {}).get("level")
+    lines = []
+    for k in ("accuracy", "precision", "recall", "f1", "auc"):
+        name = f"test_{k}"
+        if not isinstance(metrics.get(name), (int, float)):
+            continue
+        ci = cis.get(name) or {}
+        lo, hi = ci.get("ci_low", metrics.get(f"{name}_ci_low")), ci.get("ci_high", metrics.get(f"{name}_ci_high"))
+        line = f"  {k:<10} {metrics[name]:.4f}"
+        if lo is not None and hi is not None:
+            line += f"  {f'{level:.0%} ' if level else ''}CI [{lo:.4f}, {hi:.4f}]"
+        lines.append(line)
+    return lines
+
+
 def registry_lines(reg: dict[str, Any]) -> list[str]:
     """What the run registered, and the champion when that is another version (registry.json of promote)."""
     name, version, alias = reg.get("model_name"), reg.get("version"), reg.get("alias")
@@ -302,36 +342,80 @@ def registry_lines(reg: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
-    ap.add_argument("--repo", default=".")
+EPILOG = """\
+Overrides: -S and the shortcut flags (--input, --labels-csv, --family, --epochs, --seed) never write params.yaml.
+With any of them the whole pipeline runs as a DVC experiment (dvc exp run --temp -S KEY=VALUE) in a temporary copy
+of the workspace: the working tree's params.yaml, dvc.lock and outputs stay as they are, stages the overrides do not
+change come from the DVC cache, and the result is listed by `dvc exp show` (`dvc exp apply NAME` brings it in).
+
+Exit status: 0 done; 1 a stage (or DVC) failed: the message names the stage and its error, and the full log with
+the tracebacks is written to <repo>/reports/logs/flow-<time>.log; 2 params.yaml or an override is invalid (nothing
+ran). Transient errors (I/O, network, a server, a DVC lock held) are retried; a stage that rejects its input is not.
+
+Examples:
+  python -m flows.pipeline                                   the committed params.yaml, in the working tree
+  python -m flows.pipeline -S train.epochs=2 -S base.seed=3  a DVC experiment
+  python -m flows.pipeline --epochs 2 --seed 3               the same experiment
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's options, each with what it does and its default."""
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    exp = "a DVC experiment override: params.yaml is not written"
+    ap.add_argument("--repo", default=".", metavar="PATH",
+                    help="the medpipe repository to run in (a DVC project in a git repository) (default: .)")
     ap.add_argument("-S", "--set", dest="sets", action="append", type=_parse_set, default=[], metavar="KEY=VALUE",
-                    help="override a params key (repeatable); the run becomes a DVC experiment")  # fmt: skip
-    ap.add_argument("--input", help="ingest.input")
-    ap.add_argument("--labels-csv", help="ingest.labels_csv")
-    ap.add_argument("--family", choices=["cnn", "rnn", "svm"])
-    ap.add_argument("--epochs", type=int)
-    ap.add_argument("--seed", type=int, help="base.seed")
-    ap.add_argument("--name", help="the experiment's name (with overrides)")
-    ap.add_argument("--force", action="store_true")
-    a = ap.parse_args(argv)
+                    help="override one params.yaml key, e.g. -S train.epochs=2 (repeatable; the value is read as "
+                         "YAML). Runs as a DVC experiment override (dvc exp run --temp -S): params.yaml is not "
+                         "written (default: none: params.yaml as it is, in the working tree)")
+    ap.add_argument("--input", metavar="PATH",
+                    help=f"the data set to ingest, a DICOM folder or a MedMNIST .npz: -S ingest.input=PATH, {exp} "
+                         "(default: ingest.input in params.yaml)")
+    ap.add_argument("--labels-csv", metavar="PATH",
+                    help=f"the label table, relative to the input folder: -S ingest.labels_csv=PATH, {exp} "
+                         "(default: ingest.labels_csv in params.yaml)")
+    ap.add_argument("--family", choices=["cnn", "rnn", "svm"],
+                    help=f"the model family: -S train.family=FAMILY, {exp} (default: train.family in params.yaml)")
+    ap.add_argument("--epochs", type=int, metavar="N",
+                    help=f"training epochs: -S train.epochs=N, {exp} (default: train.epochs in params.yaml)")
+    ap.add_argument("--seed", type=int, metavar="N",
+                    help=f"the training seed: -S base.seed=N, {exp}; the patient split keeps base.split_seed "
+                         "(default: base.seed in params.yaml)")
+    ap.add_argument("--name", metavar="NAME",
+                    help="the DVC experiment's name, with overrides only (default: the Prefect flow run's name and "
+                         "id, e.g. papaya-hoatzin-1a2b3c4d)")
+    ap.add_argument("--force", action="store_true",
+                    help="rerun every stage even when DVC finds nothing changed (default: off: DVC's cache decides)")
+    return ap  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flows.pipeline``: run the flow; print the test metrics and the registered model, or one message
+    on a failure (exit status 1; 2 for invalid params), the full log and tracebacks being in a file."""
+    a = build_parser().parse_args(argv)
     from tasks.config import ParamsError
 
-    try:
-        result = pipeline(
+    log = Path(a.repo) / LOG_DIR / f"flow-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with run_log(log):
+        state = pipeline(
             repo=a.repo, input_path=a.input, labels_csv=a.labels_csv, family=a.family, epochs=a.epochs, seed=a.seed,
-            overrides=dict(a.sets) or None, name=a.name, force=a.force,
+            overrides=dict(a.sets) or None, name=a.name, force=a.force, return_state=True,
         )
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(2) from None
-    m, reg = result["metrics"], result["registry"]
-    if m:
-        print("\nTest metrics:")
-        for k in ("accuracy", "precision", "recall", "f1", "auc"):
-            if f"test_{k}" in m:
-                lo, hi = m[f"test_{k}_ci_low"], m[f"test_{k}_ci_high"]
-                print(f"  {k:<10} {m[f'test_{k}']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        if not isinstance(exc, BaseException):
+            exc = RuntimeError(f"the flow run ended in state {state.type.value}: {state.message}")
+        if isinstance(exc, ParamsError):
+            print(exc, file=sys.stderr)
+            raise SystemExit(2)
+        print(failure_message(exc, log), file=sys.stderr)
+        raise SystemExit(1)
+    result = state.result()
+    reg = result["registry"]
+    if lines := metric_lines(result["metrics"], result.get("details") or {}):
+        print("\nTest metrics:\n" + "\n".join(lines))
     if reg:
         print("\n" + "\n".join(registry_lines(reg)))
     if result["experiment"]:

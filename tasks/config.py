@@ -283,7 +283,7 @@ def _read_mapping(path: Path, typ: str = "safe") -> Any:
     if not path.exists():
         raise ParamsError(f"{path}: params file not found")
     try:
-        raw = _yaml(typ).load(path.read_text())
+        raw = _yaml(typ).load(path)
     except Exception as exc:  # ruamel's YAMLError subclasses: a syntax error, with its line
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     raw = {} if raw is None else raw

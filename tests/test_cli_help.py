@@ -45,7 +45,7 @@ def test_every_option_has_help_and_its_default(module: str, monkeypatch: pytest.
         if not (action.help or "").strip():
             problems.append(f"{name}: no help text")
         elif action.default not in (None, False, argparse.SUPPRESS) and not action.required:
-            if not shows_defaults and "%(default)" not in action.help:
+            if not shows_defaults and "default" not in action.help:
                 problems.append(f"{name}: its default ({action.default!r}) is not shown")
     assert parser.description, f"{module}: the parser has no description"
     assert not problems, f"python -m {module} --help: " + "; ".join(problems)

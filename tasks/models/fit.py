@@ -4,6 +4,10 @@ The torch loop: AdamW, torch's own LR schedulers (linear warm-up then cosine to 
 augmentation (:mod:`tasks.models.augment`), an optional exponential moving average of the weights (what is
 validated, selected and kept), a checkpoint after every epoch and resume after an interruption. The epoch with the
 best validation ``select_metric`` is kept. No MLflow here: the caller passes ``on_epoch``.
+
+Progress: one line per epoch, flushed as it is printed (a log read live, e.g. under the flow, gets it at once), and a
+tqdm bar within the epoch on a terminal only (:func:`progress_bar_disabled`), so a log file holds no carriage-return
+updates.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ from tasks.config import TrainParams
 from tasks.models.networks import ModelSpec
 
 CHECKPOINT = "last.pt"
+
+
+def progress_bar_disabled() -> bool | None:
+    """tqdm's ``disable`` for the per-epoch bar: ``MEDPIPE_PROGRESS=1`` draws it, ``0`` hides it (the flow sets it:
+    1 when it relays the stage's output to a terminal, the stage's own stderr being a pipe), ``TQDM_DISABLE=1``
+    hides it; otherwise ``None``: tqdm draws it only when stderr is a terminal."""
+    forced = os.environ.get("MEDPIPE_PROGRESS", "").strip().lower()
+    if forced:
+        return forced in ("0", "false", "no", "off")
+    return True if os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on") else None
 
 
 @dataclass
@@ -130,7 +144,7 @@ class TorchFit:
             return None
         ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
         if ckpt.get("fingerprint") != self.fingerprint:
-            print(f"train: ignoring checkpoint {self.ckpt_path} (it belongs to other params or data)")
+            print(f"train: ignoring checkpoint {self.ckpt_path} (it belongs to other params or data)", flush=True)
             return None
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -141,7 +155,7 @@ class TorchFit:
         torch.set_rng_state(ckpt["torch_rng"])
         self.state = FitState(**ckpt["state"])
         self.state.resumed_from = ckpt["epoch"] + 1
-        print(f"train: resuming from checkpoint {self.ckpt_path} after epoch {ckpt['epoch']}")
+        print(f"train: resuming from checkpoint {self.ckpt_path} after epoch {ckpt['epoch']}", flush=True)
         return ckpt
 
     def save(self, epoch: int, extra: dict[str, Any]) -> None:
@@ -172,7 +186,8 @@ class TorchFit:
         y_train = data.train_y.to(self.device)
         n, bs = len(data.train_y), tp.batch_size
         perm = torch.randperm(n, generator=self.gen)
-        bar = tqdm(range(0, n, bs), desc=f"epoch {epoch + 1}/{tp.epochs}", unit="batch", leave=False)
+        bar = tqdm(range(0, n, bs), desc=f"epoch {epoch + 1}/{tp.epochs}", unit="batch", leave=False,
+                   disable=progress_bar_disabled())  # fmt: skip
         for i in bar:
             idx = perm[i : i + bs]
             if len(idx) < 2:  # batch norm needs two samples
@@ -242,7 +257,7 @@ class TorchFit:
             self.select(epoch, val, proba)
             on_epoch(record)
             print(f"epoch {epoch + 1}/{self.tp.epochs}: loss {record['train_loss']:.4f} val_auc {val['auc']:.4f} "
-                  f"val_acc {val['accuracy']:.4f} ({record['samples_per_s']:.0f} samples/s)")
+                  f"val_acc {val['accuracy']:.4f} ({record['samples_per_s']:.0f} samples/s)", flush=True)
             self.save(epoch, checkpoint_extra)
         return self.state
 
