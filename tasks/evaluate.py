@@ -1,9 +1,16 @@
 """Stage 4: evaluate the selected model once on the test split.
 
-Writes to ``<output>/``: metrics.json (test accuracy, precision, recall, F1, ROC-AUC with patient-level bootstrap
-confidence intervals, the confusion matrix, positive class and threshold, and the validation metrics of the
-selected checkpoint, for ``dvc metrics``), predictions.csv (per image; ``dvc plots`` confusion matrix), roc.csv
-and pr.csv (``dvc plots`` curves) and roc.png / pr.png / confusion.png, all also logged to the MLflow run.
+Writes to ``<output>/``:
+
+``metrics.json``     the headline, for ``dvc metrics`` / ``dvc exp show``: test accuracy, precision, recall, F1 and
+                     ROC-AUC, ``n_test`` and the decision ``threshold`` (one short row per experiment)
+``details.json``     each metric with its patient-level bootstrap confidence interval (level, resamples, seed), the
+                     positive class, the threshold and where it came from, the class names and the confusion matrix
+``predictions.csv``  per image (``dvc plots`` confusion matrix); ``roc.csv`` and ``pr.csv`` (``dvc plots`` curves)
+``roc.png`` ``pr.png`` ``confusion.png``
+
+All are also logged to the model's MLflow run, with the metrics (``test_*``, ``test_*_ci_low``/``_high``) as single
+values; the validation metrics of the selected checkpoint are train's (``selected_val_*``), not logged again here.
 """
 
 from __future__ import annotations
@@ -13,16 +20,23 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tasks import tracking
 from tasks.config import EvaluateParams
-from tasks.metrics import bootstrap_ci, classification_metrics, predict_labels
+from tasks.metrics import METRIC_NAMES, bootstrap_ci, classification_metrics, predict_labels
+
+METRICS_FILE = "metrics.json"  # the headline, a DVC metrics file: what `dvc metrics show` and `dvc exp show` compare
+DETAILS_FILE = "details.json"  # each metric with its confidence interval, the threshold's source, the confusion matrix
 
 
 @dataclass(frozen=True)
 class EvaluateResult:
+    """``metrics``: flat, as logged to MLflow: ``test_<m>``, ``test_<m>_ci_low``/``_ci_high`` for each of
+    :data:`tasks.metrics.METRIC_NAMES`, ``n_test`` and ``test_threshold``."""
+
     metrics: dict[str, float]
     n_test: int
 
@@ -93,6 +107,41 @@ def resolve_threshold(setting: float | str, val: dict, source: Path) -> tuple[fl
     return 0.5, "0.5 (no validation threshold: multi-class or svm)"
 
 
+def summarize(
+    point: dict[str, float], cis: dict[str, tuple[float, float]], n_test: int, threshold: float, source: str,
+    ep: EvaluateParams, positive_class: str | int, class_names: list[str], cm: np.ndarray,
+) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """The three views of one evaluation.
+
+    Args:
+        point: ``{metric: value}`` on the whole test split (:func:`tasks.metrics.classification_metrics`).
+        cis: ``{metric: (low, high)}`` (:func:`tasks.metrics.bootstrap_ci`).
+        n_test: test images. threshold: the decision threshold applied; source: where it came from.
+        ep: the ``evaluate`` params (CI level, resamples, seed). positive_class: its name (or index).
+        class_names: index = label value. cm: (K, K) confusion matrix, rows actual, columns predicted.
+
+    Returns:
+        (flat metrics for MLflow and :class:`EvaluateResult`; the headline of metrics.json; details.json).
+    """
+    flat: dict[str, float] = {f"test_{k}": v for k, v in point.items()}
+    for k, (lo, hi) in cis.items():
+        flat[f"test_{k}_ci_low"], flat[f"test_{k}_ci_high"] = lo, hi
+    flat.update({"n_test": n_test, "test_threshold": threshold})
+    headline = {**{f"test_{k}": point[k] for k in METRIC_NAMES}, "n_test": n_test, "threshold": threshold}
+    details = {
+        "n_test": n_test,
+        "positive_class": positive_class,
+        "threshold": threshold,
+        "threshold_source": source,
+        "metrics": {f"test_{k}": {"value": point[k], "ci_low": cis[k][0], "ci_high": cis[k][1]} for k in METRIC_NAMES},
+        "ci": {"level": ep.ci, "method": "percentile bootstrap", "unit": "patient", "resamples": ep.bootstrap,
+               "seed": ep.bootstrap_seed},
+        "class_names": class_names,
+        "confusion_matrix": {"rows": "actual", "columns": "predicted", "counts": cm.tolist()},
+    }
+    return flat, headline, details
+
+
 def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> EvaluateResult:
     """Evaluate on the test split once; write metrics, curves and plots; log them to the training run.
 
@@ -121,25 +170,12 @@ def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> Ev
     pred = predict_labels(proba, pos, threshold)
     cm = confusion_matrix(y, pred, labels=list(range(spec.num_classes)))
 
-    metrics: dict = {f"test_{k}": v for k, v in point.items()}
-    for k, (lo, hi) in cis.items():
-        metrics[f"test_{k}_ci_low"], metrics[f"test_{k}_ci_high"] = lo, hi
-    metrics.update({k: v for k, v in val.items() if k.startswith("val_")})
-    metrics["n_test"] = int(len(y))
-    metrics["test_threshold"] = threshold
-    report = {
-        **metrics,
-        "positive_class": spec.class_names[pos] if spec.class_names else pos,
-        "threshold": threshold,
-        "threshold_source": source,
-        "ci_level": ev.ci,
-        "bootstrap_resamples": ev.bootstrap,
-        "bootstrap_unit": "patient",
-        "confusion_matrix": cm.tolist(),
-        "class_names": list(spec.class_names),
-    }
+    positive = spec.class_names[pos] if spec.class_names else pos
+    metrics, headline, details = summarize(point, cis, int(len(y)), threshold, source, ev, positive,
+                                           list(spec.class_names), cm)  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
-    (output / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / METRICS_FILE).write_text(json.dumps(headline, indent=2) + "\n")
+    (output / DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
     names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
     with (output / "predictions.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -156,19 +192,28 @@ def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> Ev
     pngs = plot_all(output, roc, pr, cm, names, metrics)
 
     run_id = tracking.run_for_model(weights_hash(model_dir), model_dir)
-    tracking.log_metrics(run_id, metrics)
-    tracking.log_artifacts(run_id, [output / "metrics.json", output / "predictions.csv", *pngs], "evaluate")
+    tracking.log_metrics(run_id, metrics)  # test_* only: the val_* curves and selected_val_* are train's
+    tracking.log_artifacts(run_id, [output / METRICS_FILE, output / DETAILS_FILE, output / "predictions.csv", *pngs],
+                           "evaluate")  # fmt: skip
     return EvaluateResult(metrics=metrics, n_test=len(y))
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.config import load_params_or_exit
+    from tasks.config import HelpFormatter, load_params_or_exit
+    from tasks.noise import silence_known_noise
 
-    ap = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--model", type=Path, default=Path("models/train"))
-    ap.add_argument("--data", type=Path, default=Path("data/preprocessed"))
-    ap.add_argument("--output", type=Path, default=Path("reports/evaluate"))
+    silence_known_noise()
+    ap = argparse.ArgumentParser(
+        prog="python -m tasks.evaluate", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+        epilog="Settings (threshold, bootstrap resamples, CI level, seed) are the params file's `evaluate` group.",
+    )
+    ap.add_argument("--params", default="params.yaml", help="the params file")
+    ap.add_argument("--model", type=Path, default=Path("models/train"),
+                    help="train's output folder; the weights' hash finds the MLflow run")
+    ap.add_argument("--data", type=Path, default=Path("data/preprocessed"),
+                    help="preprocess's output folder: test_x.npy, test_y.npy, test_ids.csv, meta.json")
+    ap.add_argument("--output", type=Path, default=Path("reports/evaluate"),
+                    help="where metrics.json, details.json, predictions, curves and plots go")
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
     res = run(params.evaluate, args.model, args.data, args.output)

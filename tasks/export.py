@@ -282,13 +282,22 @@ def run(ep: ExportParams, model_dir: Path, data_dir: Path, output: Path, model_n
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.config import load_params_or_exit
+    from tasks.config import HelpFormatter, load_params_or_exit
+    from tasks.noise import silence_known_noise
 
-    ap = argparse.ArgumentParser(prog="python -m tasks.export", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--model", type=Path, default=Path("models/train"))
-    ap.add_argument("--data", type=Path, default=Path("data/preprocessed"))
-    ap.add_argument("--output", type=Path, default=Path("models/export"))
+    silence_known_noise()
+    ap = argparse.ArgumentParser(prog="python -m tasks.export", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter,
+                                 epilog="Settings (deployment target, parity tolerance, ONNX opset, author, ...) are "
+                                        "the params file's `export` group; base.model_name names the package.")
+    ap.add_argument("--params", default="params.yaml", help="the params file")
+    ap.add_argument("--model", type=Path, default=Path("models/train"),
+                    help="train's output folder: model.json, model.pt, val_metrics.json, provenance.json")
+    ap.add_argument("--data", type=Path, default=Path("data/preprocessed"),
+                    help="preprocess's output folder: meta.json (the input contract) and test_x.npy (the parity "
+                         "check's images)")
+    ap.add_argument("--output", type=Path, default=Path("models/export"),
+                    help="where the .mlpackage, model.onnx and export.json go")
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
     try:

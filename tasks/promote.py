@@ -2,8 +2,10 @@
 
 Inputs: ``<model>/`` from train (val_metrics.json; the weights' hash finds the MLflow run), ``<export>/`` from
 export (the .mlpackage, model.onnx, export.json) and evaluate's metrics.json. The new version is a pyfunc
-(:mod:`tasks.coreml.pyfunc`) holding the Core ML package and its ONNX sibling, tagged with the git commit, the data
-hash, the params hash, the weights' sha256 and the validation and test metrics.
+(:mod:`tasks.coreml.pyfunc`) holding the Core ML package and its ONNX sibling. Its tags are what a reviewer reads in
+the registry list (:func:`version_tags`: the promotion metric and its test counterpart, the threshold, the alias and
+why, the git commit, the data and params hashes, the weights' sha256); the full record (every validation and test
+metric, the export record) is ``registry/<name>-v<version>.json`` in the version's run.
 
 Promotion rule: the new version becomes ``champion`` when its ``promote.metric`` (a validation metric, from
 val_metrics.json; the test set stays out of model selection) beats the champion's tag of the same name, or when
@@ -82,6 +84,32 @@ def decide(value: float, champion: str | None, champion_value: float | None, gre
     )
 
 
+def version_tags(metric: str, val: dict[str, float], test: dict[str, float], record: dict[str, Any],
+                 model_hash: str, promotion: str) -> dict[str, str]:
+    """The tags of a new model version: what a reviewer reads in the registry list (at most
+    :data:`tasks.tracking.MAX_VERSION_TAGS`; everything else goes to the version's JSON artifact).
+
+    Args:
+        metric: ``promote.metric`` (a validation metric; its tag is what the next promotion compares with).
+        val: val_metrics.json. test: evaluate's metrics.json (its test counterpart and ``threshold`` are tagged).
+        record: export.json (its ``metadata`` holds the data and params hashes).
+        model_hash: the weights' sha256 (also in the Core ML package's metadata).
+        promotion: the alias given and why.
+    """
+    counterpart = "test_" + metric.removeprefix("val_")
+    tags = {
+        metric: f"{val[metric]:.6g}",
+        **({counterpart: f"{test[counterpart]:.6g}"} if counterpart in test else {}),
+        **({"threshold": f"{test['threshold']:.6g}"} if "threshold" in test else {}),
+        "promotion": promotion,
+        "git_commit": provenance.git_commit(),
+        "dvc_data_hash": record["metadata"].get("dvc_data_hash", "unknown"),
+        "params_hash": record["metadata"].get("params_hash", "unknown"),
+        "model_sha256": model_hash,
+    }
+    return tags
+
+
 def run(pp: PromoteParams, model_dir: Path, export_dir: Path, metrics_path: Path, output: Path,
         model_name: str) -> PromoteResult:  # fmt: skip
     """Register the exported model as a new version, alias it, write ``output`` and end the MLflow run.
@@ -109,25 +137,26 @@ def run(pp: PromoteParams, model_dir: Path, export_dir: Path, metrics_path: Path
     for key, path in artifacts.items():
         if not path.exists():
             raise FileNotFoundError(f"{path}: {key} named in {export_dir / 'export.json'} is missing; rerun export")
-    run_id = tracking.run_for_model(weights_hash(model_dir), model_dir)
+    model_hash = weights_hash(model_dir)
+    run_id = tracking.run_for_model(model_hash, model_dir)
 
     champion = tracking.alias_version(name, tracking.CHAMPION)
     champion_value = tracking.champion_metric(name, metric) if champion else None
-    tags = {
-        "git_commit": provenance.git_commit(), "dvc_data_hash": record["metadata"].get("dvc_data_hash", "unknown"),
-        "params_hash": record["metadata"].get("params_hash", "unknown"), "model_sha256": weights_hash(model_dir),
-        "family": record["family"], "arch": record["arch"],
-        "coreml_package": record["package"], **{k: f"{v:.6g}" for k, v in {**val, **test}.items()},
-    }
-    version = tracking.log_and_register_pyfunc(
-        run_id, name, Path(coreml_pyfunc.__file__), {k: v for k, v in artifacts.items()}, tags,
-        tuple(record["input_shape"]), list(record["class_names"]), coreml_pyfunc.pip_requirements(),
-    )
     alias, reason = decide(val[metric], champion, champion_value, pp.greater_is_better, metric)
     experiment = os.environ.get("DVC_EXP_NAME")
     if experiment and alias == tracking.CHAMPION:  # overrides are trials: what is committed becomes the champion
         alias, reason = tracking.CHALLENGER, (f"DVC experiment {experiment}: experiments never take @champion "
                                               f"(would have: {reason}); `dvc exp apply` and commit it to promote")
+    tags = version_tags(metric, val, test, record, model_hash, f"@{alias}: {reason}")
+    details = {
+        "alias": alias, "reason": reason, "previous_champion": champion, "previous_value": champion_value,
+        "validation": val, "test": test, "export": {k: v for k, v in record.items() if k != "metadata"},
+        "provenance": record["metadata"],
+    }
+    version = tracking.log_and_register_pyfunc(
+        run_id, name, Path(coreml_pyfunc.__file__), {k: v for k, v in artifacts.items()}, tags,
+        tuple(record["input_shape"]), list(record["class_names"]), coreml_pyfunc.pip_requirements(), details,
+    )
     tracking.set_alias(name, alias, version)
     result = PromoteResult(name, version, alias, run_id, metric, val[metric], champion, champion_value, reason)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -138,14 +167,26 @@ def run(pp: PromoteParams, model_dir: Path, export_dir: Path, metrics_path: Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.config import load_params_or_exit
+    from tasks.config import HelpFormatter, load_params_or_exit
+    from tasks.noise import silence_known_noise
 
-    ap = argparse.ArgumentParser(prog="python -m tasks.promote", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--model", type=Path, default=Path("models/train"))
-    ap.add_argument("--export", type=Path, default=Path("models/export"))
-    ap.add_argument("--metrics", type=Path, default=Path("reports/evaluate/metrics.json"))
-    ap.add_argument("--output", type=Path, default=Path("models/registry.json"))
+    silence_known_noise()
+    ap = argparse.ArgumentParser(prog="python -m tasks.promote", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter,
+                                 epilog="Settings (metric, greater_is_better) are the params file's `promote` group; "
+                                        "the registered model's name is base.model_name.")  # fmt: skip
+    ap.add_argument("--params", default="params.yaml", help="the params file")
+    ap.add_argument("--model", type=Path, default=Path("models/train"),
+                    help="train's output folder: val_metrics.json has promote.metric; the weights' hash finds the "
+                         "MLflow run")
+    ap.add_argument("--export", type=Path, default=Path("models/export"),
+                    help="export's output folder: the .mlpackage, model.onnx and export.json that the registered "
+                         "pyfunc serves")
+    ap.add_argument("--metrics", type=Path, default=Path("reports/evaluate/metrics.json"),
+                    help="evaluate's headline test metrics; the version is tagged with the test counterpart of "
+                         "promote.metric and the threshold")
+    ap.add_argument("--output", type=Path, default=Path("models/registry.json"),
+                    help="where the registered version, its alias and the reason are written")
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
     res = run(params.promote, args.model, args.export, args.metrics, args.output, params.base.model_name)

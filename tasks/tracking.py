@@ -127,6 +127,69 @@ def start_run(
     return run.info.run_id
 
 
+def run_name(prefix: str, params_hash: str, experiment: str | None = None) -> str:
+    """A run name that differs when the params differ: ``<prefix>-<params hash, 8 hex>``, then `` (<experiment>)``
+    under ``dvc exp run``.
+
+    Args:
+        prefix: the readable part, e.g. ``synthetic-ct-cnn-resnet18-seed42``.
+        params_hash: the hash of every params value the run depends on (``tasks.provenance.params_hash``); two runs
+            that differ only in ``train.epochs`` differ here.
+        experiment: the DVC experiment's name (``DVC_EXP_NAME``), or None outside ``dvc exp run``.
+    """
+    name = f"{prefix}-{params_hash[:8]}"
+    return f"{name} ({experiment})" if experiment else name
+
+
+def rename_run(run_id: str, name: str) -> None:
+    """Give run ``run_id`` the display name ``name`` (the ``mlflow.runName`` tag)."""
+    client().update_run(run_id, name=name)
+
+
+def source_tags(entry_point: str, commit: str) -> dict[str, str]:
+    """The tags the MLflow UI shows in its Source column: the stage's entry point (a path in the repository) as a
+    local source, and the git commit of the code (a bare sha; whether tracked code differed from it is train's
+    ``git_code_changed`` tag; a legacy ``-dirty`` suffix is stripped)."""
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL"}
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
+def log_dataset(
+    run_id: str, name: str, digest: str, source: str, input_shape: tuple[int, ...], counts: dict[str, int],
+    context: str = "training",
+) -> None:
+    """Record the data set a run used (the Dataset column of the MLflow UI), by reference: no values are logged.
+
+    Args:
+        run_id: the run.
+        name: the data set's name (``base.dataset``).
+        digest: its content hash: DVC's md5 of the preprocessed data (``<md5>.dir``) under DVC, else a sha256.
+        source: where it came from: the ingest input (a DICOM folder or a MedMNIST ``.npz``), as params name it.
+        input_shape: (C, *S) of one sample; the schema says float32 (N, C, *S) images and int64 (N,) labels.
+        counts: images per split, e.g. ``{"train": 237, "val": 59, "test": 75}`` (the data set's profile).
+        context: what the run did with it (the ``mlflow.data.context`` input tag).
+    """
+    import json
+
+    import numpy as np
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+
+    class _Dataset(MetaDataset):  # MetaDataset has no profile; the UI shows one when the entity carries it
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps({f"n_{k}": v for k, v in counts.items()})}
+
+    schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape), "image"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "label")])  # fmt: skip
+    dataset = _Dataset(LocalArtifactDatasetSource(source), name=name, digest=digest, schema=schema)
+    entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    client().log_inputs(run_id, datasets=[entity])
+
+
 def tag_model(run_id: str, model_hash: str) -> None:
     """Mark run ``run_id`` as the one that trained the model whose weights hash to ``model_hash``."""
     client().set_tag(run_id, MODEL_TAG, model_hash)
@@ -180,6 +243,7 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Set (or overwrite) tags on run ``run_id`` (values stringified)."""
     c = client()
     for k, v in tags.items():
         c.set_tag(run_id, k, str(v))
@@ -201,7 +265,13 @@ def download_artifact(run_id: str, artifact_path: str, dest: Path) -> Path:
     return Path(client().download_artifacts(run_id, artifact_path, str(dest)))
 
 
+def log_dict(run_id: str, data: dict[str, Any], artifact_file: str) -> None:
+    """Write ``data`` as JSON to ``artifact_file`` (a path inside the run's artifacts, e.g. ``promote/v3.json``)."""
+    client().log_dict(run_id, data, artifact_file)
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """Mark run ``run_id`` terminated with ``status`` (FINISHED, FAILED or KILLED)."""
     client().set_terminated(run_id, status=status)
 
 
@@ -218,12 +288,21 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # --- model registry ---------------------------------------------------------------------------------------------
-# MLflow 3 registry: versions carry tags (commit, data hash, params hash, metrics) and are picked by alias
+# MLflow 3 registry: versions carry a few tags (the promotion metric, commit, data and params hashes, ...; the full
+# record is a JSON artifact of the version's run) and are picked by alias
 # (`models:/<name>@champion`); registry stages are deprecated and not used.
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PYFUNC_NAME = "pyfunc"  # the logged model's name inside the run
+
+
+MAX_VERSION_TAGS = 8  # a registry list a reviewer can read; the rest goes to the version's JSON artifact
+
+
+def version_details_path(model_name: str, version: str) -> str:
+    """Where in the run's artifacts the full record of a registered version lies."""
+    return f"registry/{model_name}-v{version}.json"
 
 
 def log_and_register_pyfunc(
@@ -235,6 +314,7 @@ def log_and_register_pyfunc(
     input_shape: tuple[int, ...],
     class_names: list[str],
     pip_requirements: list[str] | None = None,
+    details: dict[str, Any] | None = None,
 ) -> str:
     """Log a pyfunc "model from code" into run ``run_id`` and register it as a new version of ``model_name``.
 
@@ -243,26 +323,42 @@ def log_and_register_pyfunc(
         model_name: registered model name (created on first use).
         code_path: the Python file that defines the model and calls ``mlflow.models.set_model``.
         artifacts: artifact key -> local file or folder, handed to the model as ``context.artifacts``.
-        tags: set on the new model version (values stringified).
-        input_shape: (C, *S) of one sample; the signature takes float32 (N, C, *S).
+        tags: set on the new model version (values stringified); at most :data:`MAX_VERSION_TAGS`, what a reviewer
+            reads in the registry list.
+        input_shape: (C, *S) of one sample; the signature takes float32 (N, C, *S), and the logged input example
+            is one blank sample of that shape (zeros: no patient's pixels in the registry).
         class_names: the output has one ``prob_<class>`` column per class and a ``label`` column.
         pip_requirements: the model's requirements; explicit, so MLflow does not load the model to infer them.
+        details: everything else about the version (metrics, export record, ...), written with ``model_name``,
+            ``version`` and the tags to :func:`version_details_path` in the run's artifacts.
 
     Returns:
         The new version number, as a string.
+
+    Raises:
+        ValueError: more than :data:`MAX_VERSION_TAGS` tags (put the rest in ``details``).
     """
+    import logging
+
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     import mlflow
 
+    if len(tags) > MAX_VERSION_TAGS:
+        raise ValueError(f"{model_name}: {len(tags)} model-version tags {sorted(tags)}; at most {MAX_VERSION_TAGS} "
+                         "(pass the rest as details: they go to the version's JSON artifact)")
     c = client()
     prior_status = c.get_run(run_id).info.status
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
         outputs=Schema([ColSpec("float", f"prob_{n}") for n in class_names] + [ColSpec("string", "label")]),
     )
+    # MLflow announces at INFO that it checks the input example against the signature (a failure is a WARNING, kept)
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_logger.level
+    pyfunc_logger.setLevel(logging.WARNING)
     try:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
@@ -270,13 +366,19 @@ def log_and_register_pyfunc(
                 python_model=str(code_path),
                 artifacts={k: str(v) for k, v in artifacts.items()},
                 signature=signature,
+                input_example=np.zeros((1, *input_shape), np.float32),
                 pip_requirements=pip_requirements,
             )
     finally:
+        pyfunc_logger.setLevel(level)
         # start_run(run_id=...) marks the run FINISHED (or FAILED) on exit; the pipeline decides when it ends
         c.update_run(run_id, status=prior_status)
-    version = mlflow.register_model(info.model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
-    return str(version.version)
+    tags = {k: str(v) for k, v in tags.items()}
+    version = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
+    record = {"model_name": model_name, "version": version, "model_uri": f"models:/{model_name}/{version}",
+              "run_id": run_id, "tags": tags, **(details or {})}  # fmt: skip
+    log_dict(run_id, record, version_details_path(model_name, version))
+    return version
 
 
 def alias_version(model_name: str, alias: str) -> str | None:

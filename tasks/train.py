@@ -8,6 +8,9 @@ model.json (:class:`tasks.models.networks.ModelSpec`), val_metrics.json and prov
 params and data the model came from); per-epoch history for ``dvc plots`` in ``--history``. Every file is a
 function of the stage's inputs: the MLflow run is found again by the model's hash
 (:func:`tasks.tracking.run_for_model`), and under ``dvc exp run`` it carries the experiment's name (``dvc.exp_name``).
+The run is named ``<dataset>-<family>-<arch>-seed<seed>-<params hash>`` (`` (<experiment>)`` under ``dvc exp run``),
+records the preprocessed data as its input data set (DVC's hash as digest, ingest's input as source) and the
+selected checkpoint's validation metrics as single values (``selected_val_*``, ``selected_epoch``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tasks.models.fit import CHECKPOINT, Splits, TorchFit, configure_torch, fit_
 from tasks.models.networks import ModelSpec, weights_hash
 
 PROVENANCE = "provenance.json"
+ENTRY_POINT = "tasks/train.py"  # the run's source in MLflow (with the git commit)
 EXP_NAME_ENV, EXP_NAME_TAG = "DVC_EXP_NAME", "dvc.exp_name"  # `dvc exp run` names the experiment in the environment
 
 
@@ -41,6 +45,7 @@ class TrainResult:
     history: list[dict[str, float]]
     run_id: str
     resumed_from: int | None
+    run_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,13 @@ def model_spec(tp: TrainParams, meta: dict[str, Any]) -> ModelSpec:
     )
 
 
+def _describe_changes(changed: list[str] | None) -> str:
+    """The ``git_code_changed`` tag: ``false``, ``true: <files>`` (at most 500 characters) or ``unknown``."""
+    if changed is None:
+        return "unknown"
+    return f"true: {', '.join(changed)}"[:500] if changed else "false"
+
+
 def fingerprint(tp: TrainParams, seed: int, data_hash: str) -> str:
     """What a training job is: the train params, the seed and the content hash of the tensors it reads.
 
@@ -107,6 +119,16 @@ def _upstream_params(inputs: Path, ingest_summary: Path | None) -> dict[str, Any
     if ingest_summary and ingest_summary.exists():
         out.update(tracking.flatten({"ingest": json.loads(ingest_summary.read_text()).get("params", {})}))
     return out
+
+
+def _data_source(inputs: Path, ingest_summary: Path | None) -> str:
+    """Where the data set came from: ingest's input as params name it (summary.json), else the tensors' folder."""
+    if ingest_summary and ingest_summary.exists():
+        summary = json.loads(ingest_summary.read_text())
+        source = summary.get("input") or (summary.get("params") or {}).get("input")
+        if source:
+            return str(source)
+    return inputs.as_posix()
 
 
 def run(
@@ -137,20 +159,27 @@ def run(
     upstream = _upstream_params(inputs, ingest_summary)
     record = {"params_hash": provenance.params_hash([own, upstream]), "data_hash": data_hash}
     # a flow (or a person) finds the run of a DVC experiment by its name; absent outside `dvc exp run`
-    exp_tags = {EXP_NAME_TAG: os.environ[EXP_NAME_ENV]} if os.environ.get(EXP_NAME_ENV) else {}
+    experiment = os.environ.get(EXP_NAME_ENV) or None
+    exp_tags = {EXP_NAME_TAG: experiment} if experiment else {}
+    name = tracking.run_name(f"{info.dataset}-{spec.family}-{spec.arch}-seed{info.seed}", record["params_hash"],
+                             experiment)  # fmt: skip
+    source = _data_source(inputs, ingest_summary)
 
     def open_run() -> str:
         run_params = {**tracking.flatten(own), **upstream, "base.dataset": info.dataset,
                       "base.experiment": info.experiment, "base.sweep": info.sweep}  # fmt: skip
         run_params.update({f"data.n_{k}": v for k, v in meta["counts"].items()})
         run_params["data.input_shape"] = meta["input_shape"]
+        commit = provenance.git_commit()
         tags = {
-            "git_commit": provenance.git_commit(), "dvc_data_hash": data_hash, "dataset": info.dataset,
+            "git_commit": commit, "dvc_data_hash": data_hash, "dataset": info.dataset,
             "model_family": spec.family, "arch": spec.arch, "spatial_dims": str(spec.spatial_dims),
-            "params_hash": record["params_hash"], **exp_tags,
+            "params_hash": record["params_hash"], **exp_tags, **tracking.source_tags(ENTRY_POINT, commit),
+            # whether tracked code differed from that commit (DVC's own rewrites of dvc.lock are not code)
+            "git_code_changed": _describe_changes(provenance.code_changes()),
         }
-        rid = tracking.start_run(info.experiment, f"{info.dataset}-{spec.family}-{spec.arch}-seed{info.seed}", tags,
-                                 run_params, sweep=info.sweep)  # fmt: skip
+        rid = tracking.start_run(info.experiment, name, tags, run_params, sweep=info.sweep)
+        tracking.log_dataset(rid, info.dataset, data_hash, source, tuple(meta["input_shape"]), meta["counts"])
         artifacts = [inputs / "meta.json"]
         if ingest_summary:  # the ingest summary and its PS3.15 de-identification audit (counts, no values)
             artifacts += [f for f in (ingest_summary, ingest_summary.parent / "deid_audit.json") if f.exists()]
@@ -177,6 +206,7 @@ def run(
         rid = ckpt["run_id"] if ckpt is not None and ckpt.get("run_id") else open_run()
         if ckpt is not None:  # the run is named after the experiment that finishes it
             tracking.set_tags(rid, exp_tags)
+            tracking.rename_run(rid, name)
 
         def on_epoch(rec: dict[str, float]) -> None:
             tracking.log_metrics(rid, {k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
@@ -194,30 +224,43 @@ def run(
         w = csv.DictWriter(fh, fieldnames=list(history[0].keys()), lineterminator="\n")
         w.writeheader()
         w.writerows(history)
-    tracking.log_metrics(rid, {"best_epoch": best_epoch, "train_minutes": (time.perf_counter() - t0) / 60})
-    tracking.log_metrics(rid, {f"best_{k}": v for k, v in best_val.items()})
+    # the selected checkpoint's validation metrics as single values: the per-epoch val_* curves end at the last
+    # epoch, which is not the selected one
+    tracking.log_metrics(rid, {"selected_epoch": best_epoch, "train_minutes": (time.perf_counter() - t0) / 60,
+                               **{f"selected_{k}": v for k, v in best_val.items()}})  # fmt: skip
     tracking.log_artifacts(rid, [history_path, output / "model.json"], artifact_path="train")
     (checkpoints / CHECKPOINT).unlink(missing_ok=True)  # finished: a later run starts afresh
-    return TrainResult(spec, best_epoch, best_val, history, rid, resumed_from)
+    return TrainResult(spec, best_epoch, best_val, history, rid, resumed_from, name)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.config import load_params_or_exit
+    from tasks.config import HelpFormatter, load_params_or_exit
+    from tasks.noise import silence_known_noise
 
-    ap = argparse.ArgumentParser(prog="python -m tasks.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--input", type=Path, default=Path("data/preprocessed"))
-    ap.add_argument("--output", type=Path, default=Path("models/train"))
-    ap.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints"))
-    ap.add_argument("--history", type=Path, default=Path("reports/train/history.csv"))
-    ap.add_argument("--ingest-summary", type=Path, default=Path("data/ingested/summary.json"))
+    silence_known_noise()
+    ap = argparse.ArgumentParser(prog="python -m tasks.train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter,
+                                 epilog="Settings (family, epochs, ...) are the `train` group of the params file.")
+    ap.add_argument("--params", default="params.yaml", help="the params file")
+    ap.add_argument("--input", type=Path, default=Path("data/preprocessed"),
+                    help="preprocess's output folder: *_x.npy, *_y.npy, meta.json")
+    ap.add_argument("--output", type=Path, default=Path("models/train"),
+                    help="where the model, model.json, val_metrics.json and provenance.json go")
+    ap.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints"),
+                    help="where last.pt is kept between epochs, to resume a killed run")
+    ap.add_argument("--history", type=Path, default=Path("reports/train/history.csv"),
+                    help="per-epoch metrics CSV, for `dvc plots`")
+    ap.add_argument("--ingest-summary", type=Path, default=Path("data/ingested/summary.json"),
+                    help="ingest's summary.json: its params, counts and the data set's source go to MLflow; a missing "
+                         "file is skipped")
     args = ap.parse_args(argv)
     params = load_params_or_exit(args.params)
     res = run(params.train, args.input, args.output, args.checkpoints, args.history, args.ingest_summary,
               RunInfo(experiment=params.base.experiment, dataset=params.base.dataset, sweep=params.base.sweep,
                       seed=params.base.seed))
     val = ", ".join(f"{k} {v:.4f}" for k, v in res.val_metrics.items())
-    print(f"train: {res.spec.family}/{res.spec.arch} best epoch {res.best_epoch}: {val} (MLflow run {res.run_id})")
+    print(f"train: {res.spec.family}/{res.spec.arch} selected epoch {res.best_epoch}: {val} "
+          f"(MLflow run {res.run_name!r}, {res.run_id})")
 
 
 if __name__ == "__main__":

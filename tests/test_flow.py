@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests._repo import REPO, copy_repo, dvc, tree_digest
+from tests._repo import copy_repo, dvc, tree_digest
 
 EXP_OVERRIDES = {"train.epochs": 2, "base.seed": 3}
 

@@ -128,8 +128,8 @@ def test_a_lower_coverage_gives_a_narrower_interval() -> None:
 @pytest.mark.slow
 def test_evaluate_ci_follows_evaluate_bootstrap_seed_not_base_seed(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through the CLI (what dvc.yaml runs): a training-seed change leaves metrics.json as it is for a fixed model
-    and test set; a bootstrap-seed change moves the intervals and nothing else."""
+    """Through the CLI (what dvc.yaml runs): a training-seed change leaves metrics.json and details.json as they are
+    for a fixed model and test set; a bootstrap-seed change moves only the intervals in details.json."""
     from tasks import evaluate
     from tasks.config import write_overrides
     from tasks.models.networks import ModelSpec
@@ -140,19 +140,24 @@ def test_evaluate_ci_follows_evaluate_bootstrap_seed_not_base_seed(tmp_path: Pat
     make_preprocessed(tmp_path / "pre", n=(2, 2, 40), size=16)
     model_dir = make_trained(tmp_path, ModelSpec("cnn", "resnet10", 2, 1, 2, (1, 16, 16), ("normal", "lesion")))
 
-    def metrics_with(name: str, overrides: dict) -> dict:
+    def outputs_with(name: str, overrides: dict) -> tuple[dict, dict]:
         params = tmp_path / f"{name}.yaml"
         shutil.copy(REPO / "params.yaml", params)
         write_overrides(params, {"evaluate.bootstrap": 50, **overrides})
         evaluate.main(["--params", str(params), "--model", str(model_dir), "--data", str(tmp_path / "pre"),
                        "--output", str(tmp_path / name)])  # fmt: skip
-        return json.loads((tmp_path / name / "metrics.json").read_text())
+        return tuple(json.loads((tmp_path / name / f).read_text()) for f in ("metrics.json", "details.json"))
 
-    a = metrics_with("a", {"base.seed": 1})
-    b = metrics_with("b", {"base.seed": 2})
-    c = metrics_with("c", {"base.seed": 1, "evaluate.bootstrap_seed": 5})
-    assert a == b
-    is_ci = [k for k in a if k.endswith(("_ci_low", "_ci_high"))]
-    assert len(is_ci) == 2 * len(METRIC_NAMES)
-    assert [a[k] for k in is_ci] != [c[k] for k in is_ci]
-    assert {k: v for k, v in a.items() if k not in is_ci} == {k: v for k, v in c.items() if k not in is_ci}
+    def bounds(details: dict) -> dict:
+        return {k: (m["ci_low"], m["ci_high"]) for k, m in details["metrics"].items()}
+
+    (ma, da), (mb, db), (mc, dc) = (outputs_with("a", {"base.seed": 1}), outputs_with("b", {"base.seed": 2}),
+                                    outputs_with("c", {"base.seed": 1, "evaluate.bootstrap_seed": 5}))
+    assert (ma, da) == (mb, db)
+    assert len(bounds(da)) == len(METRIC_NAMES)
+    assert bounds(da) != bounds(dc)
+    assert ma == mc  # the headline has no intervals
+    assert {k: m["value"] for k, m in da["metrics"].items()} == {k: m["value"] for k, m in dc["metrics"].items()}
+    assert dc["ci"] == {**da["ci"], "seed": 5}
+    assert {k: v for k, v in da.items() if k not in ("metrics", "ci")} == {
+        k: v for k, v in dc.items() if k not in ("metrics", "ci")}

@@ -87,9 +87,18 @@ def test_flow_runs_every_stage_and_registers_champion(repo, first_run, monkeypat
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["git_commit"].removesuffix("-dirty") == head
     assert run.info.status == "FINISHED"
+    # MLflow's Source and Dataset columns: the entry point at the commit; the data by DVC's hash, from ingest's input
+    assert run.data.tags["mlflow.source.name"] == "tasks/train.py"
+    assert run.data.tags["mlflow.source.git.commit"] == head
+    (inp,) = run.inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.digest) == ("synthetic-ct", _lock_md5(repo, "train", "data/preprocessed"))
+    assert json.loads(inp.dataset.source) == {"uri": "data/synthetic/dicom"}
+    params_hash = json.loads((repo / "models/train/provenance.json").read_text())["params_hash"]
+    assert run.info.run_name == f"synthetic-ct-cnn-resnet10-seed42-{params_hash[:8]}"
     version = client.get_model_version_by_alias(reg["model_name"], "champion")
     assert str(version.version) == reg["version"] and version.run_id == run_id
     assert version.tags["model_sha256"] == model_hash
+    assert len(version.tags) <= tracking.MAX_VERSION_TAGS, sorted(version.tags)
 
     import coremltools as ct
 
@@ -113,6 +122,7 @@ def test_metrics_agree_with_the_predictions(repo, first_run):
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
     m = first_run["metrics"]
+    details = json.loads((repo / "reports/evaluate/details.json").read_text())
     pred = pd.read_csv(repo / "reports/evaluate/predictions.csv")
     manifest = pd.read_csv(repo / "data/ingested/manifest.csv")
     assert m["n_test"] == len(pred) == int((manifest["split"] == "test").sum()) > 0
@@ -122,12 +132,42 @@ def test_metrics_agree_with_the_predictions(repo, first_run):
     assert np.array_equal(yhat, pred["p_lesion"].to_numpy() >= m["threshold"])
     assert m["test_accuracy"] == pytest.approx(accuracy_score(y, yhat))
     assert m["test_f1"] == pytest.approx(f1_score(y, yhat, zero_division=0))
-    assert m["confusion_matrix"] == confusion_matrix(y, yhat, labels=[False, True]).tolist()
+    assert details["confusion_matrix"]["counts"] == confusion_matrix(y, yhat, labels=[False, True]).tolist()
     if len(set(y)) == 2:
         assert m["test_auc"] == pytest.approx(roc_auc_score(y, pred["p_lesion"]))
     for k in ("accuracy", "precision", "recall", "f1", "auc"):
-        assert m[f"test_{k}_ci_low"] <= m[f"test_{k}_ci_high"]
-    assert m["val_auc"] == pytest.approx(first_run["registry"]["value"])  # promote decided on validation AUC
+        ci = details["metrics"][f"test_{k}"]
+        assert ci["value"] == m[f"test_{k}"] and ci["ci_low"] <= ci["ci_high"]
+    val = json.loads((repo / "models/train/val_metrics.json").read_text())
+    assert val["val_auc"] == pytest.approx(first_run["registry"]["value"])  # promote decided on validation AUC
+
+
+HEADLINE = {"test_accuracy", "test_precision", "test_recall", "test_f1", "test_auc", "n_test", "threshold"}
+
+
+def _exp_show(repo: Path) -> list[dict]:
+    return json.loads(dvc(repo, "exp", "show", "--json").stdout)
+
+
+def test_dvc_compares_metrics_and_params(repo, first_run):
+    """`dvc metrics show` is one short row of the headline; `dvc exp show` has the workspace's metrics; `dvc metrics
+    diff` and `dvc params diff` against the commit work."""
+    shown = dvc(repo, "metrics", "show").stdout
+    rows = [line for line in shown.splitlines() if line.strip()]
+    assert [r.split()[0] for r in rows[1:]] == ["reports/evaluate/metrics.json"], shown
+    assert sorted(rows[0].split()[1:]) == sorted(HEADLINE), shown
+    assert max(map(len, rows)) <= 140, f"`dvc metrics show` is {max(map(len, rows))} characters wide:\n{shown}"
+
+    workspace = next(b for b in _exp_show(repo) if b["rev"] == "workspace")
+    metrics = workspace["data"]["metrics"]
+    assert list(metrics) == ["reports/evaluate/metrics.json"]
+    assert metrics["reports/evaluate/metrics.json"]["data"] == first_run["metrics"]
+    assert set(first_run["metrics"]) == HEADLINE
+
+    diff = dvc(repo, "metrics", "diff", "HEAD", "--all", "--json")
+    assert set(json.loads(diff.stdout)["reports/evaluate/metrics.json"]) >= HEADLINE - {"n_test", "threshold"}
+    params = dvc(repo, "params", "diff", "HEAD", "--all", "--json")
+    assert json.loads(params.stdout)["params.yaml"]["train.epochs"]["new"] == 1
 
 
 def _lock_md5(repo: Path, stage: str, path: str) -> str:
@@ -206,3 +246,27 @@ def test_no_identifying_value_of_the_cohort_reaches_any_output(repo, first_run):
     assert "ingest" in logs and "train" in logs, "the run's logs were not captured"
     hits += [f"logs: {v}" for v in values if v in logs]
     assert not hits, f"{len(hits)} identifying values in the outputs: {hits[:10]}"
+
+
+def test_an_experiment_shows_its_metrics_and_names_its_run(repo, first_run, monkeypatch):
+    """`dvc exp run -S train.epochs=2` (up to evaluate: what the table needs) is a row of `dvc exp show` with its own
+    metrics, and its MLflow run's name differs from the committed run's (other params, and the experiment's name).
+    Last in this module: it leaves the experiment's params in the working tree."""
+    dvc(repo, "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2", "evaluate")
+    revs = [rev for baseline in _exp_show(repo) for exp in baseline.get("experiments") or [] for rev in exp["revs"]]
+    (exp,) = [rev for rev in revs if rev.get("name") == "two-epochs"]
+    assert exp["data"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
+    metrics = exp["data"]["metrics"]["reports/evaluate/metrics.json"]["data"]
+    assert set(metrics) == HEADLINE and metrics == json.loads((repo / "reports/evaluate/metrics.json").read_text())
+
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from tasks import tracking
+
+    client = tracking.client()
+    (run,) = client.search_runs([tracking.experiment_id("medpipe")], "tags.`dvc.exp_name` = 'two-epochs'")
+    first = client.get_run(first_run["registry"]["run_id"])
+    assert run.info.run_name.endswith(" (two-epochs)")
+    prefix = run.info.run_name.removesuffix(" (two-epochs)")
+    assert prefix.startswith("synthetic-ct-cnn-resnet10-seed42-") and prefix != first.info.run_name
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]

@@ -23,7 +23,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     make_preprocessed(tmp_path / "pre", n=(4, 4, 6), size=32)
-    (tmp_path / "metrics.json").write_text(json.dumps({"test_auc": 0.75, "test_accuracy": 0.7}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"test_auc": 0.75, "test_accuracy": 0.7, "n_test": 6,
+                                                       "threshold": 0.5}))  # evaluate's headline, shortened
     return tmp_path
 
 
@@ -42,9 +43,15 @@ def _train_and_promote(wd: Path, tag: str, val_auc: float, seed: int,
 
 @pytest.mark.slow
 def test_champion_then_challenger_then_new_champion_and_serving(workdir: Path) -> None:
+    import warnings
+
     from mlflow.tracking import MlflowClient
 
-    first = _train_and_promote(workdir, "v1", 0.80, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _train_and_promote(workdir, "v1", 0.80, seed=1)
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "input example" in m.lower()], said  # MLflow's "An input example was not provided"
     assert (first.version, first.alias, first.previous_champion) == ("1", "champion", None)
     second = _train_and_promote(workdir, "v2", 0.70, seed=2, export_dir=workdir / "export")
     assert (second.version, second.alias, second.previous_champion) == ("2", "challenger", "1")
@@ -62,11 +69,31 @@ def test_champion_then_challenger_then_new_champion_and_serving(workdir: Path) -
     client = MlflowClient()
     mv = client.get_model_version(NAME, "3")
     assert mv.run_id == third.run_id
+    # what a reviewer reads in the registry list, and nothing more
+    assert set(mv.tags) == {"val_auc", "test_auc", "threshold", "promotion", "git_commit", "dvc_data_hash",
+                            "params_hash", "model_sha256"}  # fmt: skip
+    assert len(mv.tags) <= tracking.MAX_VERSION_TAGS
     assert mv.tags["model_sha256"] == weights_hash(workdir / "v3/model")
     assert (mv.tags["dvc_data_hash"], mv.tags["params_hash"]) == (PROVENANCE["data_hash"], PROVENANCE["params_hash"])
     assert mv.tags["git_commit"]  # the registry version, not a DVC output, carries the commit
-    assert (mv.tags["val_auc"], mv.tags["test_auc"]) == ("0.9", "0.75")
+    assert (mv.tags["val_auc"], mv.tags["test_auc"], mv.tags["threshold"]) == ("0.9", "0.75", "0.5")
+    assert mv.tags["promotion"] == f"@champion: {third.reason}" and "beats champion v1" in third.reason
+    assert client.get_model_version(NAME, "2").tags["promotion"].startswith("@challenger: val_auc 0.7000 does not")
+    # the rest: a JSON artifact of the version's run
+    record = json.loads(Path(tracking.download_artifact(
+        third.run_id, tracking.version_details_path(NAME, "3"), workdir / "dl")).read_text())  # fmt: skip
+    assert (record["version"], record["run_id"], record["alias"]) == ("3", third.run_id, "champion")
+    assert record["tags"] == mv.tags
+    assert record["validation"] == {"val_auc": 0.9, "val_accuracy": 0.7, "val_f1": 0.6}
+    assert record["test"]["test_accuracy"] == 0.7 and record["test"]["n_test"] == 6
+    assert record["export"]["family"] == "cnn" and record["export"]["package"] == "MedpipeClassifier.mlpackage"
+    assert record["provenance"]["model_sha256"] == weights_hash(workdir / "v1/model")  # the shared export's
     assert client.get_run(third.run_id).info.status == "FINISHED", "promote ends the pipeline's run"
+
+    import mlflow.models
+
+    example = mlflow.models.get_model_info(f"models:/{NAME}/3").saved_input_example_info
+    assert example is not None, "the pyfunc has an input example"
 
     import mlflow.pyfunc
 
@@ -92,6 +119,24 @@ def test_missing_metric_names_file_and_setting(workdir: Path) -> None:
         promote.run(p.promote, model_dir, workdir / "export", workdir / "metrics.json", workdir / "registry.json",
                     p.base.model_name)  # fmt: skip
     assert not (workdir / "registry.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("metric", "test", "expected"),
+    [
+        ("val_auc", {"test_auc": 0.75, "threshold": 0.3}, {"val_auc": "0.8", "test_auc": "0.75", "threshold": "0.3"}),
+        ("val_loss", {"test_auc": 0.75}, {"val_loss": "0.4"}),  # no test_loss: no counterpart tag
+    ],
+)
+def test_version_tags_are_few(metric: str, test: dict[str, float], expected: dict[str, str]) -> None:
+    val = {"val_auc": 0.8, "val_loss": 0.4, "val_accuracy": 0.7, "val_f1": 0.6, "best_epoch": 3.0}
+    metadata = {"dvc_data_hash": PROVENANCE["data_hash"], "params_hash": PROVENANCE["params_hash"]}  # export.json's
+    record = {"metadata": metadata, "family": "cnn", "arch": "resnet18"}
+    tags = promote.version_tags(metric, val, test, record, "f" * 64, "@champion: no champion yet")
+    assert tags == {**expected, "promotion": "@champion: no champion yet", "git_commit": tags["git_commit"],
+                    "dvc_data_hash": PROVENANCE["data_hash"], "params_hash": PROVENANCE["params_hash"],
+                    "model_sha256": "f" * 64}  # fmt: skip
+    assert len(tags) <= tracking.MAX_VERSION_TAGS
 
 
 @pytest.mark.parametrize(

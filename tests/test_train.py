@@ -71,8 +71,25 @@ def test_cnn_trains_selects_on_val_and_logs(workdir: Path, monkeypatch: pytest.M
 
     run = MlflowClient().get_run(res.run_id)
     assert run.data.params["train.arch"] == "resnet10" and run.data.params["data.n_train"] == "48"
-    assert {"val_auc", "train_loss", "best_val_auc"} <= set(run.data.metrics)
-    assert len(MlflowClient().get_metric_history(res.run_id, "val_auc")) == 2
+    assert {"val_auc", "train_loss"} <= set(run.data.metrics)
+    assert [m.step for m in MlflowClient().get_metric_history(res.run_id, "val_auc")] == [1, 2]
+    # the selected checkpoint's numbers as single values: the val_auc curve ends at epoch 2, selected or not
+    assert run.data.metrics["selected_epoch"] == res.best_epoch
+    assert {k: run.data.metrics[f"selected_{k}"] for k in ("val_auc", "val_loss")} == {
+        k: pytest.approx(val[k]) for k in ("val_auc", "val_loss")}
+    # a name that tells runs apart: readable prefix, the params hash, the DVC experiment
+    assert run.info.run_name == f"synthetic-ct-cnn-resnet10-seed42-{record['params_hash'][:8]} (tidal-wave)"
+    assert res.run_name == run.info.run_name
+    assert run.data.tags["params_hash"] == record["params_hash"]
+    # the Source column: the stage's entry point (the commit too, in a git checkout: tests/test_pipeline.py)
+    assert (run.data.tags["mlflow.source.name"], run.data.tags["mlflow.source.type"]) == ("tasks/train.py", "LOCAL")
+    # the Dataset column: the data by reference, with the hash DVC knows it by (no values logged)
+    (inp,) = run.inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.digest) == ("synthetic-ct", record["data_hash"])
+    assert (inp.dataset.source_type, json.loads(inp.dataset.source)) == ("local", {"uri": (workdir / "pre").as_posix()})
+    assert {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "training"}
+    assert json.loads(inp.dataset.profile) == {"n_train": 48, "n_val": 16, "n_test": 20}
+    assert json.loads(inp.dataset.schema)["mlflow_colspec"][0]["tensor-spec"]["shape"] == [-1, 1, 16, 16]
     assert run.data.tags["model_family"] == "cnn"
     assert run.data.tags["dvc.exp_name"] == "tidal-wave"
     assert run.data.tags["dvc_data_hash"] == record["data_hash"]
@@ -90,11 +107,17 @@ def test_same_seed_same_metrics_on_cpu_other_seed_other_metrics(workdir: Path) -
     a = _run(tiny(), workdir, "a")
     b = _run(tiny(), workdir, "b")
     c = _run(tiny(**{"base.seed": 7}), workdir, "c")
+    d = _run(tiny(**{"train.epochs": 1}), workdir, "d")
     assert strip(a.history) == strip(b.history)
     assert a.val_metrics == b.val_metrics
     assert (workdir / "a/model.pt").read_bytes() == (workdir / "b/model.pt").read_bytes()
     assert [h["train_loss"] for h in c.history] != [h["train_loss"] for h in a.history]
     assert "dvc.exp_name" not in MlflowClient().get_run(a.run_id).data.tags, "no experiment name outside dvc exp"
+    # the same params, the same name; other params (the epochs alone), another name
+    na, nb, nc, nd = (MlflowClient().get_run(r.run_id).info.run_name for r in (a, b, c, d))
+    assert na == nb and na.startswith("synthetic-ct-cnn-resnet10-seed42-")
+    assert nc.startswith("synthetic-ct-cnn-resnet10-seed7-")
+    assert nd.startswith("synthetic-ct-cnn-resnet10-seed42-") and nd != na
 
 
 def test_svm_baseline(workdir: Path) -> None:
@@ -278,3 +301,28 @@ def test_sweep_runs_nest_under_one_parent(workdir: Path) -> None:
     assert [c.info.run_id for c in children] == [r.run_id for r in runs]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent}
     assert tracking.sweep_children("medpipe", "no-such-sweep") == []
+
+
+def test_evaluate_leaves_the_epoch_curves_alone(workdir: Path) -> None:
+    """evaluate logs test_* single values to the training run and nothing under a val_* name: the val_* curves keep
+    one point per epoch (no stray step 0) and the selected model's validation numbers are selected_val_*."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks import evaluate
+
+    p = tiny(**{"train.epochs": 2, "evaluate.bootstrap": 20})
+    res = _run(p, workdir)
+    before = MlflowClient().get_run(res.run_id).data.metrics
+    ev = evaluate.run(p.evaluate, workdir / "model", workdir / "pre", workdir / "ev")
+    client = MlflowClient()
+    after = client.get_run(res.run_id).data.metrics
+    added = set(after) - set(before)
+    assert added == set(ev.metrics) and "test_auc_ci_low" in added
+    assert not [k for k in added if "val_" in k]
+    for k in ("val_auc", "val_accuracy", "val_f1", "val_loss"):
+        history = client.get_metric_history(res.run_id, k)
+        assert [m.step for m in history] == [1, 2], f"{k}: steps {[m.step for m in history]}"
+        assert after[k] == before[k], f"{k}: evaluate moved the run's last value"
+    chosen = res.history[res.best_epoch - 1]
+    assert after["selected_val_auc"] == pytest.approx(chosen["val_auc"])
+    assert after["test_auc"] == pytest.approx(ev.metrics["test_auc"])

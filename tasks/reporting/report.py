@@ -60,7 +60,8 @@ def collect(experiment: str, sweep: str) -> list[Group]:
             "auc_hi": m.get("test_auc_ci_high", float("nan")), "acc": m["test_accuracy"],
             "acc_lo": m.get("test_accuracy_ci_low", float("nan")),
             "acc_hi": m.get("test_accuracy_ci_high", float("nan")),
-            "val_auc": m.get("val_auc", float("nan")), "minutes": m.get("train_minutes", float("nan")),
+            "val_auc": m.get("selected_val_auc", m.get("val_auc", float("nan"))),
+            "minutes": m.get("train_minutes", float("nan")),
         })  # fmt: skip
     for g in groups.values():
         g.runs.sort(key=lambda r: r["seed"])
