@@ -99,6 +99,10 @@ class IngestParams(_Strict):
     voi: bool = False  # apply the file's VOI LUT / first window after the Modality LUT (display units, not HU)
     multiframe: Literal["stack", "split"] = "stack"  # a multi-frame instance: one volume, or one image per frame
     workers: int = Field(2, ge=1)
+    # where ingest writes the only mapping from its file pseudonyms (quarantine.csv) back to the real paths, which
+    # name patients in real exports: a LOCAL report, git-ignored (/reports/*), no DVC output, never logged; outside
+    # the ingest output and input (checked by ingest.run, which knows the output); null: not written
+    local_report: str | None = "reports/ingest/local_paths.csv"
 
     @field_validator("labels_csv")
     @classmethod

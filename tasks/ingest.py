@@ -12,13 +12,24 @@ timings, no absolute paths). Writes::
 
     <output>/arrays/<image_id>.npy   float32, (H, W) for a one-slice series, (D, H, W) otherwise; HU for CT
     <output>/manifest.csv            one row per image, columns MANIFEST_COLUMNS (pseudonymous ids only)
-    <output>/quarantine.csv          path (relative to the input folder), reason, detail
+    <output>/quarantine.csv          file (the pseudonym of its path), reason, detail
     <output>/summary.json            counts (found = used + quarantined), per split and label, secret source
     <output>/deid_audit.json         PS3.15 actions applied (counts per action), images flagged for burned-in text
     <output>/dicom/<series>/<sop>.dcm  the de-identified instances (only with ingest.deid.write_dicom)
+    <ingest.local_report>            LOCAL, outside <output>: file pseudonym -> real path, reason, image ids
 
 Nothing of the PS3.15 basic profile's identifying attributes reaches these files: ids are HMAC pseudonyms,
 the series UID is remapped, the study date is shifted per patient (or left empty), nothing else is copied.
+
+Paths are identifiers too: a PACS export names folders ``<PatientName>_<PatientID>`` and files
+``<SOPInstanceUID>.dcm``. So the outputs (which DVC tracks and pushes; train logs summary.json and deid_audit.json
+to MLflow) name an input file only by its pseudonym ``F<hex>``, a keyed HMAC of its path relative to the input
+folder (:meth:`tasks.dicom.pseudonym.Pseudonymizer.path`); the way back is the local report alone, so that the data
+owner can find a quarantined file: a file of this machine, git-ignored under ``reports/``, no DVC output, never
+logged, and refused inside the output or input folder. The input folder itself is recorded (summary.json, and
+from there MLflow) only as params name it: ``ingest.input`` when it is the folder ingested and a relative path
+(it is in params.yaml and MLflow's params already); an absolute path or another folder (``--input``) is not
+recorded. A file that stops the run (UnexpectedReadError) is named by its relative path on stderr only.
 """
 
 from __future__ import annotations
@@ -41,9 +52,13 @@ from tasks.sources.records import ImageRecord
 
 MANIFEST_COLUMNS = (
     "image_id", "patient_id", "study_id", "series_uid", "study_date", "label", "split", "path", "sha256",
-    "shape", "spacing", "modality", "unit", "n_instances", "channels", "selection",
+    "shape", "spacing", "modality", "unit", "n_instances", "channels", "selection", "patient_id_from",
 )  # fmt: skip
-QUARANTINE_COLUMNS = ("path", "reason", "detail")
+# patient_id_from: what the patient pseudonym was made from (tasks.dicom.pseudonym.PATIENT_ID_FROM): "PatientID", or
+# when the instance had none (empty or absent) "StudyInstanceUID" / "SOPInstanceUID" / "file" (a patient of its own);
+# "" for a source without patient ids (MedMNIST: each image is its own patient)
+QUARANTINE_COLUMNS = ("file", "reason", "detail")  # file: the pseudonym of its path (the local report has the path)
+LOCAL_REPORT_COLUMNS = ("file", "path", "reason", "image_ids")  # path: relative to the input folder
 # Reasons decided here, beyond a single file's tasks.dicom.REASONS:
 INGEST_REASONS = (
     "duplicate_instance",  # a second file with a SOPInstanceUID already seen
@@ -97,10 +112,63 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple[Any, ...]])
 
 
 def portable_path(path: Path | str) -> str:
-    """How an input path is recorded in outputs and MLflow: as given when relative (a project path such as
-    ``data/synthetic/dicom``); an absolute path is not recorded (it names a machine, and real exports name folders
+    """How a configured input path is recorded in outputs and MLflow: as given when relative (a project path such
+    as ``data/synthetic/dicom``); an absolute path is not recorded (it names a machine, and real exports name folders
     after patients)."""
     return Path(path).as_posix() if not Path(path).is_absolute() else "<absolute path, not recorded>"
+
+
+NOT_CONFIGURED = "<not ingest.{key}, not recorded>"
+
+
+def recorded_inputs(ip: IngestParams, input_path: Path, labels_csv: Path | None) -> tuple[str, str | None]:
+    """How summary.json (and from it MLflow) names the input folder and the label table: as params name them
+    (:func:`portable_path` of ``ingest.input`` / ``ingest.labels_csv`` in it), which params.yaml and MLflow's params
+    hold already, when they are what was ingested; another folder or table (``--input``, ``--labels``), which may be
+    named after a patient, is not recorded.
+
+    Returns:
+        (input, label table or None when there is none).
+    """
+    configured = input_path.resolve() == Path(ip.input).resolve()
+    recorded = portable_path(ip.input) if configured else NOT_CONFIGURED.format(key="input")
+    if labels_csv is None:
+        return recorded, None
+    table = None if ip.labels_csv is None else (input_path / ip.labels_csv).resolve()
+    if configured and Path(labels_csv).resolve() == table:
+        return recorded, portable_path(Path(ip.input) / ip.labels_csv)
+    return recorded, NOT_CONFIGURED.format(key="labels_csv")
+
+
+def _check_local_report(report: Path, output: Path, input_path: Path) -> None:
+    """Refuse a local report inside the output (DVC would track it, a remote and MLflow receive it) or the input
+    (a file of the data set: a DVC dependency, and a not_dicom file of the next run)."""
+    where = report.resolve()
+    for name, folder in (("output", output), ("input", input_path)):
+        if folder.resolve() == where or folder.resolve() in where.parents:
+            raise ValueError(
+                f"ingest.local_report: {report} lies inside the ingest {name} {folder}; it maps pseudonyms to real "
+                "paths, which name patients: put it outside (default reports/ingest/local_paths.csv, git-ignored)"
+            )
+
+
+def write_local_report(
+    path: Path, paths: dict[str, str], quarantine: list[tuple[str, str, str]], images: list[ImageRecord]
+) -> None:
+    """Write the local report: one row per input file, sorted by path: its pseudonym, its path relative to the
+    input folder, its quarantine reason ("" when used) and the ids of the images it is part of (space-separated).
+
+    The only file that maps pseudonyms back to real paths: a local file (never an output, never logged).
+    """
+    reasons = {file: reason for file, reason, _ in quarantine}
+    used: dict[str, list[str]] = {}
+    for im in images:
+        for file in im.files:
+            used.setdefault(file, []).append(im.image_id)
+    rows = [(file, rel, reasons.get(file, ""), " ".join(sorted(used.get(file, []))))
+            for file, rel in sorted(paths.items(), key=lambda kv: kv[1])]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_csv(path, LOCAL_REPORT_COLUMNS, rows)
 
 
 def run(
@@ -138,6 +206,9 @@ def run(
     if output.resolve() == input_path.resolve() or output.resolve() in input_path.resolve().parents:
         raise ValueError(f"output {output} holds the input {input_path}: ingest replaces its output folder; "
                          "choose another output")  # fmt: skip
+    local_report = Path(ip.local_report) if ip.local_report is not None and ip.source == "dicom" else None
+    if local_report is not None:
+        _check_local_report(local_report, output, input_path)
     if labels_csv is None and ip.labels_csv is not None:
         # inside the folder ingested, however it is spelled (main() sets labels_csv null for another folder)
         labels_csv = input_path / ip.labels_csv
@@ -160,7 +231,9 @@ def run(
         _prepare_output(output)
         write_dir = output / "dicom" if ip.deid.write_dicom else None
         skip = {Path(labels_csv).resolve()} if labels_csv is not None else set()
-        n_found, images, quarantine, warnings, audit = collect_dicom(input_path, ip, pseudo, progress, write_dir, skip)
+        n_found, images, quarantine, warnings, audit, paths, patient_id_from = collect_dicom(
+            input_path, ip, pseudo, progress, write_dir, skip
+        )
     else:  # a MedMNIST .npz: already labelled, official splits kept
         from tasks.sources import medmnist
 
@@ -170,7 +243,7 @@ def run(
             n_found, images, warnings = medmnist.collect(input_path, progress)
         except medmnist.MedMNISTError as exc:
             raise ValueError(str(exc)) from None
-        quarantine, audit = [], None
+        quarantine, audit, paths, patient_id_from = [], None, {}, {}
         if class_names and max(im.label for im in images) >= len(class_names):
             raise ValueError(
                 f"base.class_names: {len(class_names)} names, but {input_path} has labels up to "
@@ -186,7 +259,7 @@ def run(
                 kept.append(im)
             else:
                 detail = f"image {im.image_id}: no row for its {ip.label_key} in the label table"
-                quarantine += [(rel, "no_label", detail) for rel in im.files]
+                quarantine += [(file, "no_label", detail) for file in im.files]
         unmatched = len(set(table) - {im.label_value for im in kept})
         images = kept
 
@@ -223,26 +296,30 @@ def run(
             im.image_id, im.patient_id, im.study_id, im.series_uid, im.study_date,
             "" if im.label is None else im.label, im.split, rel, hashlib.sha256(pixels.tobytes()).hexdigest(),
             json.dumps(list(pixels.shape)), json.dumps(im.spacing and [round(s, 6) for s in im.spacing]),
-            im.modality, im.unit, len(im.files), im.channels, im.selection,
+            im.modality, im.unit, len(im.files), im.channels, im.selection, patient_id_from.get(im.image_id, ""),
         ))  # fmt: skip
     _write_csv(output / "manifest.csv", MANIFEST_COLUMNS, rows)
     quarantine.sort()
     _write_csv(output / "quarantine.csv", QUARANTINE_COLUMNS, quarantine)
+    if local_report is not None:
+        write_local_report(local_report, paths, quarantine, images)
 
     if audit is not None:
         (output / "deid_audit.json").write_text(json.dumps(audit, indent=2) + "\n")
     summary = summarise(n_found, images, quarantine, pseudo, warnings)
     labelled = [im.label for im in images if im.label is not None]
+    recorded_input, recorded_labels = recorded_inputs(ip, input_path, labels_csv)
     summary.update(
         class_names=list(class_names or [str(i) for i in range(max(labelled, default=-1) + 1)]),
         source=ip.source,
-        input=portable_path(input_path),
-        labels_csv=labels_csv and portable_path(labels_csv),
+        input=recorded_input,
+        labels_csv=recorded_labels,
         labels_unmatched=unmatched,
-        # what made this output (train logs it with its own params); workers change nothing in it
+        images_without_patient_id=sum(patient_id_from.get(im.image_id, "PatientID") != "PatientID" for im in images),
+        # what made this output (train logs it with its own params); workers and the local report change nothing
         params={
-            **ip.model_dump(mode="json", exclude={"workers"}),
-            "input": portable_path(input_path),
+            **ip.model_dump(mode="json", exclude={"workers", "local_report"}),
+            "input": recorded_input,
             "split_seed": split_seed,
         },
     )
@@ -329,7 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.input is not None and args.input.resolve() != Path(ip.input).resolve():
         if args.labels is None:
             print(f"ingest: {args.input} without labels (give --labels CSV to label it)", file=sys.stderr)
-        ip = ip.model_copy(update={"input": str(args.input), "labels_csv": None})
+        # ingest.input stays the configured one: summary.json then records that another folder was ingested,
+        # without its path (which may name a patient)
+        ip = ip.model_copy(update={"labels_csv": None})
     try:
         result = run(
             ip,

@@ -28,6 +28,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "synth.image_size": 64,
     "synth.slices_per_study": 1,
     "ingest.workers": 1,
+    "ingest.local_report": None,  # tests never write the real-paths report into the checkout's reports/
 }
 
 

@@ -26,6 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT_OUTPUTS = ("manifest.csv", "summary.json", "quarantine.csv", "deid_audit.json")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run each test in its tmp_path: the default ingest.local_report is relative (reports/ingest/...), and a test
+    must not overwrite the real one of this working copy."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
@@ -51,7 +58,8 @@ def test_outputs_add_up(ingested_cohort, tiny_cohort, cohort_params) -> None:
     assert json.loads((out / "summary.json").read_text()) == s
     # what made this output: the ingest group (minus workers) and the split seed; no timings
     assert s["params"]["split_seed"] == cohort_params.base.split_seed and "workers" not in s["params"]
-    assert s["params"]["labels_csv"] == "labels.csv" and "wall_s" not in s
+    assert s["params"]["labels_csv"] == "labels.csv" and "wall_s" not in s and "local_report" not in s["params"]
+    assert s["images_without_patient_id"] == 0
     assert sorted(p.name for p in (out / "arrays").iterdir()) == sorted(f"{r['image_id']}.npy" for r in rows)
     assert sorted(p.name for p in out.iterdir()) == ["arrays", "deid_audit.json", "manifest.csv", "quarantine.csv",
                                                      "summary.json"]  # fmt: skip
@@ -61,6 +69,7 @@ def test_outputs_add_up(ingested_cohort, tiny_cohort, cohort_params) -> None:
         assert hashlib.sha256(arr.tobytes()).hexdigest() == r["sha256"]
         assert len(json.loads(r["spacing"])) == 2 and r["modality"] == "CT" and r["unit"] == "HU"
         assert r["split"] in ("train", "val", "test") and r["label"] in ("0", "1") and r["n_instances"] == "1"
+        assert r["patient_id_from"] == "PatientID"  # every synthetic instance has one
         assert -1024 <= arr.min() < -900 and 300 < arr.max() < 2000
     check_patient_disjoint([r["patient_id"] for r in rows], [r["split"] for r in rows])
     assert _rows(ingested_cohort.quarantine) == []
@@ -134,11 +143,17 @@ def _add_bad_files(dicom_dir: Path) -> int:
 
 
 def test_bad_files_are_quarantined_with_reasons(tiny_cohort, make_params, run_ingest, tmp_path: Path) -> None:
-    dicom_dir, params = _copy_cohort(tiny_cohort, make_params, tmp_path / "dicom")
+    """Each bad file is a quarantine row named by its path's pseudonym; the local report gives the path back."""
+    dicom_dir, params = _copy_cohort(tiny_cohort, make_params, tmp_path / "dicom",
+                                     **{"ingest.local_report": str(tmp_path / "local.csv")})  # fmt: skip
     n_good = _add_bad_files(dicom_dir)
     res = run_ingest(params, tmp_path / "out")
-    quarantine = {r["path"]: r["reason"] for r in _rows(res.quarantine)}
-    assert quarantine == {"bad/cut.dcm": "truncated", "bad/notes.txt": "not_dicom", "bad/IM0001": "no_pixel_data"}
+    quarantine = {r["file"]: r["reason"] for r in _rows(res.quarantine)}
+    pseudo = Pseudonymizer.from_params(params.ingest.deid)
+    expected = {"bad/cut.dcm": "truncated", "bad/notes.txt": "not_dicom", "bad/IM0001": "no_pixel_data"}
+    assert quarantine == {pseudo.path(rel): reason for rel, reason in expected.items()}
+    local = {r["path"]: r["reason"] for r in _rows(tmp_path / "local.csv")}
+    assert len(local) == n_good + 3 and {k: v for k, v in local.items() if v} == expected
     s = res.summary
     assert (s["files_found"], s["used"], s["quarantined"]) == (n_good + 3, n_good, 3)
     assert s["quarantined_by_reason"] == {"no_pixel_data": 1, "not_dicom": 1, "truncated": 1}
@@ -156,7 +171,7 @@ def test_no_absolute_input_path_in_the_outputs(tiny_cohort, make_params, run_ing
     for needle in {str(dicom_dir), str(dicom_dir.resolve()), "PATIENT_EXPORT", str(tmp_path)}:
         assert not [name for name, text in texts.items() if needle in text], needle
     assert res.summary["input"] == res.summary["params"]["input"] == ingest.portable_path(dicom_dir)
-    assert not Path(res.summary["input"]).is_absolute() and not Path(res.summary["labels_csv"]).is_absolute()
+    assert res.summary["input"] == res.summary["labels_csv"] == "<absolute path, not recorded>"
 
 
 def test_a_relative_input_is_recorded_as_given(tiny_cohort, make_params, run_ingest, tmp_path: Path,
@@ -240,7 +255,8 @@ def test_without_labels_everything_is_used_and_split(tiny_cohort, cohort_params,
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     assert res.summary["labels"] == {"none": len(rows)} and res.summary["labels_csv"] is None
     # the table is no longer set apart as the label table: it is a file of the folder, and not DICOM
-    assert {r["path"]: r["reason"] for r in _rows(res.quarantine)} == {"labels.csv": "not_dicom"}
+    pseudo = Pseudonymizer.from_params(params.ingest.deid)
+    assert {r["file"]: r["reason"] for r in _rows(res.quarantine)} == {pseudo.path("labels.csv"): "not_dicom"}
     assert res.summary["class_names"] == cohort_params.base.class_names
 
 
@@ -288,6 +304,10 @@ def test_cli(tiny_cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str], mo
     captured = capsys.readouterr()
     assert f"files found {tiny_cohort.n_files}: used {tiny_cohort.n_files}" in captured.out
     assert "development default" in captured.err and "without labels" not in captured.err
+    # the local report, at params' default (relative to the working directory, as ingest.input), lists every file
+    local = _rows(tmp_path / "reports" / "ingest" / "local_paths.csv")
+    assert sorted(r["path"] for r in local) == sorted(p.relative_to(tiny_cohort.dicom_dir).as_posix()
+                                                      for p in tiny_cohort.dicom_dir.rglob("*.dcm"))  # fmt: skip
     rows = _rows(tmp_path / "out" / "manifest.csv")
     assert len(rows) == tiny_cohort.n_studies and {r["label"] for r in rows} == {"0", "1"}
 
@@ -299,14 +319,17 @@ def test_cli_ingests_another_folder_without_labels(tiny_cohort, tmp_path: Path) 
     shutil.copytree(tiny_cohort.dicom_dir, other)
     (other / "labels.csv").unlink()  # a plain folder of DICOM files
     env = {**os.environ, "MEDPIPE_DEID_SECRET": ""}
-    cmd = [sys.executable, "-m", "tasks.ingest", "--input", str(other), "--output", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "tasks.ingest", "--params", str(REPO / "params.yaml"), "--input", str(other),
+           "--output", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"ingest: {other} without labels (give --labels CSV to label it)" in proc.stderr
     rows = _rows(tmp_path / "out" / "manifest.csv")
     assert len(rows) == tiny_cohort.n_studies and {r["label"] for r in rows} == {""}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["labels_csv"] is None and summary["params"]["labels_csv"] is None
+    # another folder than ingest.input: its path (it may name a patient) is not recorded
+    assert summary["input"] == summary["params"]["input"] == "<not ingest.input, not recorded>"
     assert summary["labels"] == {"none": tiny_cohort.n_studies} and summary["quarantined"] == 0
 
 

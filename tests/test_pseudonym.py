@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tasks.config import DeidParams
-from tasks.dicom.pseudonym import DEVELOPMENT_SOURCE, Pseudonymizer
+from tasks.dicom.pseudonym import DEVELOPMENT_SOURCE, PATIENT_ID_FROM, Pseudonymizer, patient_key
 
 
 def _pz(secret: str | None = "s3cret", **params) -> Pseudonymizer:
@@ -72,3 +72,39 @@ def test_date_shift_is_per_patient_and_keeps_intervals() -> None:
 )
 def test_dates_dropped_when_not_shiftable_or_not_shifted(date: str, shift_dates: bool) -> None:
     assert _pz(shift_dates=shift_dates).shift_date(date, "MRN1") == ""
+
+
+def test_path_pseudonyms_are_keyed_namespaced_and_distinct() -> None:
+    a, b = _pz("one"), _pz("two")
+    rel = "DOE^JOHN_MRN1/1.2.840.1.2.dcm"
+    assert re.fullmatch(r"F[0-9a-f]{16}", a.path(rel)) and a.path(rel) == _pz("one").path(rel)
+    assert a.path(rel) != b.path(rel) and a.path(rel)[1:] != a.pseudonym("patient", rel)
+    assert "MRN1" not in a.path(rel) and "DOE" not in a.path(rel)
+    rels = [f"PATIENT^{i}_{i}/{j}.dcm" for i in range(100) for j in range(50)]
+    assert len({a.path(r) for r in rels}) == len(rels)
+
+
+@pytest.mark.parametrize(
+    ("ids", "source"),
+    [(("MRN1", "1.2", "1.3", "F1"), "PatientID"), (("", "1.2", "1.3", "F1"), "StudyInstanceUID"),
+     ((" \x00", "1.2", "1.3", "F1"), "StudyInstanceUID"), (("", "", "1.3", "F1"), "SOPInstanceUID"),
+     (("", " ", "", "F1"), "file"), (("", "", "", ""), "none")],
+)  # fmt: skip
+def test_patient_key_falls_back_from_a_missing_patient_id(ids: tuple[str, ...], source: str) -> None:
+    key, got = patient_key(*ids)
+    assert got == source and (got in PATIENT_ID_FROM or got == "none")
+    if source == "PatientID":
+        assert key == ids[0]
+    else:  # a key no real PatientID has (LO values hold no NUL), except the shared one when nothing was given
+        assert key.startswith("\x00") if source != "none" else key == ""
+
+
+def test_missing_patient_ids_are_never_one_patient() -> None:
+    """Without a PatientID each study (or instance) is a patient of its own, with its own date shift; the key of
+    a missing id never equals that of a real PatientID with the same text as the UID."""
+    pz = _pz()
+    study_a, study_b = patient_key("", "1.2.3"), patient_key("", "1.2.4")
+    assert patient_key("", "1.2.3", "9.9") == patient_key("  ", "1.2.3", "9.8")  # one study: one patient
+    keys = [study_a[0], study_b[0], patient_key("", "", "1.2.3")[0], patient_key("1.2.3")[0], ""]
+    assert len({pz.patient_id(k) for k in keys}) == len(keys)
+    assert len({pz.date_shift_days(k) for k in keys[:3]}) == 3  # (fixed secret: the same three shifts every run)

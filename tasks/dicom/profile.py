@@ -254,7 +254,12 @@ def deidentify(ds: Any, pseudo: Pseudonymizer, opts: DeidParams) -> Counter[str]
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    patient_id = str(ds.get("PatientID", "") or "")
+    from tasks.dicom.pseudonym import patient_key
+
+    # the same patient key as ingest's manifest: an instance without a PatientID is its study's (or its own) patient,
+    # so its de-identified copy carries the manifest's pseudonym and date shift
+    patient_id = patient_key(str(ds.get("PatientID", "") or ""), str(ds.get("StudyInstanceUID", "") or ""),
+                             str(ds.get("SOPInstanceUID", "") or ""))[0]  # fmt: skip
     engine = _Engine(pseudo, opts, patient_id, _identifying_tokens(ds) if opts.clean_descriptors else set())
     engine.apply(ds)
     meta = getattr(ds, "file_meta", None)

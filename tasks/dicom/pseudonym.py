@@ -10,6 +10,10 @@ ingest's manifest holds only what this module produces plus non-identifying geom
   references between objects survive;
 * dates are shifted by a per-patient offset (the "Retain Longitudinal Temporal Information with Modified
   Dates" option) or dropped;
+* an instance without a PatientID (empty or absent) is not the patient of every other such instance:
+  :func:`patient_key` makes its study (or, without a StudyInstanceUID, the instance itself) a patient of its own;
+* input files are named by a pseudonym of their path (:meth:`Pseudonymizer.path`): real exports name folders
+  ``<PatientName>_<PatientID>`` and files ``<SOPInstanceUID>.dcm``;
 * everything else (names, birth date, accession number, institution, physicians, descriptions) is removed,
   emptied or replaced by the profile, and never reaches the manifest.
 
@@ -31,6 +35,39 @@ from tasks.config import DeidParams
 
 DEVELOPMENT_SECRET = "medpipe-development-secret--not-for-real-data"
 DEVELOPMENT_SOURCE = "development-default"
+
+# What a patient pseudonym was made from (ingest's manifest column ``patient_id_from``): the PatientID, or, when
+# the instance has none, the first of its StudyInstanceUID, its SOPInstanceUID and its file (path pseudonym).
+PATIENT_ID_FROM = ("PatientID", "StudyInstanceUID", "SOPInstanceUID", "file")
+
+
+def patient_key(patient_id: str, study_uid: str = "", sop_uid: str = "", file: str = "") -> tuple[str, str]:
+    """The value that stands for an instance's patient in :meth:`Pseudonymizer.patient_id` and the date shift, and
+    what it was made from (one of :data:`PATIENT_ID_FROM`).
+
+    An empty or absent PatientID says nothing about who the patient is, so instances without one must not share a
+    patient (the patient-level split would treat unrelated images as one patient): each study is a patient of its
+    own, or each instance when it has no StudyInstanceUID either. Two studies of one unnamed patient are then two
+    patients; nothing in such files can tell. The key of a missing id starts with a NUL character, which no
+    PatientID (a DICOM LO value) may hold, so it does not equal the key of a real PatientID.
+
+    Args:
+        patient_id: (0010,0020) PatientID, "" when absent; blank (spaces, NULs) counts as missing.
+        study_uid: (0020,000D) StudyInstanceUID, "" when absent.
+        sop_uid: (0008,0018) SOPInstanceUID, "" when absent.
+        file: something else that tells the instance apart (ingest gives its path pseudonym), for an instance
+            with none of the three.
+
+    Returns:
+        (key, source): ``(patient_id, "PatientID")`` when the id is present; otherwise a key made from the first
+        non-blank fallback and its name; ``("", "none")`` (one key shared by all) only when nothing was given.
+    """
+    if patient_id.strip(" \x00"):
+        return patient_id, "PatientID"
+    for source, value in zip(PATIENT_ID_FROM[1:], (study_uid, sop_uid, file), strict=True):
+        if value.strip(" \x00"):
+            return f"\x00{source}\x00{value}", source
+    return "", "none"
 
 
 @dataclass(frozen=True)
@@ -86,12 +123,21 @@ class Pseudonymizer:
         return self._digest(kind, value).hex()[:length]
 
     def patient_id(self, patient_id: str) -> str:
-        """Pseudonymous patient id, ``P`` + 16 hex characters."""
+        """Pseudonymous patient id, ``P`` + 16 hex characters (of a PatientID, or of a :func:`patient_key`)."""
         return "P" + self.pseudonym("patient", patient_id)
 
     def study_id(self, study_uid: str) -> str:
         """Pseudonymous study id, ``S`` + 16 hex characters (from the StudyInstanceUID)."""
         return "S" + self.pseudonym("study", study_uid)
+
+    def path(self, rel: str) -> str:
+        """Pseudonym of an input file, ``F`` + 16 hex characters: the only name ingest's outputs give a file.
+
+        Args:
+            rel: the file's path relative to the input folder, POSIX separators (``<PatientName>_<PatientID>/
+                <SOPInstanceUID>.dcm`` in a PACS export). Relative, so the pseudonym stays when the folder moves.
+        """
+        return "F" + self.pseudonym("path", rel)
 
     def uid(self, uid: str) -> str:
         """Remap a DICOM UID to ``2.25.<int>`` (at most 44 characters), consistently for the same input."""

@@ -2,9 +2,9 @@
 
 Every file is read (``ingest.workers`` processes, :mod:`tasks.dicom`), de-identified with the PS3.15 basic profile
 (:mod:`tasks.dicom.profile`), grouped by series, stacked along the slice normal (:mod:`tasks.dicom.series`) and
-selected (``ingest.series``). A file that cannot be used becomes a quarantine row (relative path, reason, detail);
-an error that is not the file's (a bug, the environment) stops the run with the file named
-(:class:`UnexpectedReadError`).
+selected (``ingest.series``). A file that cannot be used becomes a quarantine row (file pseudonym, reason, detail;
+the real paths go to ``ingest.local_report`` only); an error that is not the file's (a bug, the environment) stops
+the run with the file named on stderr (:class:`UnexpectedReadError`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,9 +29,11 @@ QuarantineRow = tuple[str, str, str]
 class Instance:
     """One readable file after de-identification (the raw label-key value stays in memory only)."""
 
-    rel: str
+    rel: str  # the path relative to the input folder: identifying, never written (only to the local report)
+    file: str  # its pseudonym (tasks.dicom.pseudonym.Pseudonymizer.path): how outputs name the file
     image: DicomImage  # its ``ids`` are never written
     patient_id: str
+    patient_id_from: str  # what the patient pseudonym was made from (tasks.dicom.pseudonym.PATIENT_ID_FROM)
     study_id: str
     series_uid: str
     study_date: str
@@ -127,55 +129,82 @@ def _burned_in(im: DicomImage) -> str | None:
 _BURNED_IN_PRONE = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "SM", "DOC", "XA", "RF", "DX", "CR", "MG", "IO"})
 
 
+class Collected(NamedTuple):
+    """What :func:`collect_dicom` found: the images and quarantine rows, and what only ingest's local report and
+    its manifest column ``patient_id_from`` need."""
+
+    n_found: int  # files found (= files used + quarantine rows, once ingest has matched labels)
+    images: list[ImageRecord]  # their ``files`` are file pseudonyms
+    quarantine: list[QuarantineRow]  # (file pseudonym, reason, detail)
+    warnings: list[str]
+    audit: dict[str, Any]  # PS3.15 action counts, images flagged for burned-in annotation review
+    paths: dict[str, str]  # file pseudonym -> path relative to the input folder (identifying: local report only)
+    patient_id_from: dict[str, str]  # image id -> what its patient pseudonym was made from (PATIENT_ID_FROM)
+
+
 def collect_dicom(
     input_dir: Path, params: IngestParams, pseudo: Pseudonymizer, progress: bool = True, write_dir: Path | None = None,
     skip: set[Path] | frozenset[Path] = frozenset(),
-) -> tuple[int, list[ImageRecord], list[QuarantineRow], list[str], dict[str, Any]]:
+) -> Collected:
     """Read, de-identify, stack and select every file under ``input_dir``.
+
+    Paths are identifiers (a PACS export names folders ``<PatientName>_<PatientID>`` and files
+    ``<SOPInstanceUID>.dcm``): quarantine rows, details and images name a file only by its pseudonym
+    (``Pseudonymizer.path`` of the path relative to ``input_dir``); :attr:`Collected.paths` maps them back.
+    An instance without a PatientID is a patient of its own, or its study's (``tasks.dicom.pseudonym.patient_key``).
 
     Args:
         write_dir: where de-identified instances are written (``<series uid>/<sop uid>.dcm``), or None.
         skip: resolved paths that are not candidate images (the label table inside the data folder).
 
     Returns:
-        (files found, images, quarantine rows (relative path, reason, detail), warnings, audit), where the audit
-        holds the PS3.15 action counts and the images flagged for burned-in annotation review.
+        The images, quarantine rows, warnings, de-identification audit and the pseudonym -> path map.
 
     Raises:
         UnexpectedReadError: a file's read failed for a reason that is not the file's (a bug, the environment).
     """
     from tasks.dicom.profile import PROFILE_TABLE, audit_counts
+    from tasks.dicom.pseudonym import patient_key
     from tasks.dicom.series import SeriesError, select_series, stack_series
 
     files = sorted(p for p in input_dir.rglob("*") if p.is_file() and p.resolve() not in skip)
     results = read_all(files, input_dir, params, pseudo, write_dir, progress)
-    quarantine: list[tuple[str, str, str]] = []
+    quarantine: list[QuarantineRow] = []
     series: dict[str, list[Instance]] = defaultdict(list)
     seen_sop: dict[str, str] = {}
+    paths: dict[str, str] = {}
     counts = []
     for path, res in zip(files, results, strict=True):
         rel = path.relative_to(input_dir).as_posix()
+        file = pseudo.path(rel)
+        if file in paths:  # 64-bit pseudonyms: never seen, but two files must not be counted as one
+            raise RuntimeError(f"ingest: two input files have the pseudonym {file}; report this as a bug")
+        paths[file] = rel
         if isinstance(res, DicomError):
-            quarantine.append((rel, res.reason, res.detail))
+            quarantine.append((file, res.reason, _without_path(res.detail, path, rel, file)))
             continue
         counts.append(Counter(res.deid_counts or {}))
         ids = res.ids
         if ids.sop_uid and ids.sop_uid in seen_sop:
-            quarantine.append((rel, "duplicate_instance", f"same SOPInstanceUID as {seen_sop[ids.sop_uid]}"))
+            quarantine.append((file, "duplicate_instance", f"same SOPInstanceUID as {seen_sop[ids.sop_uid]}"))
             _unwrite(write_dir, pseudo, ids)
             continue
-        seen_sop[ids.sop_uid] = rel
+        seen_sop[ids.sop_uid] = file
+        key, key_from = patient_key(ids.patient_id, ids.study_uid, ids.sop_uid, file)
         inst = Instance(
             rel=rel,
+            file=file,
             image=res,
-            patient_id=pseudo.patient_id(ids.patient_id),
+            patient_id=pseudo.patient_id(key),
+            patient_id_from=key_from,
             study_id=pseudo.study_id(ids.study_uid),
             series_uid=pseudo.uid(ids.series_uid or ids.sop_uid or rel),  # no series UID: an image of its own
-            study_date=pseudo.shift_date(ids.study_date, ids.patient_id),
+            study_date=pseudo.shift_date(ids.study_date, key),  # a patient without an id: its own shift
         )
         series[inst.series_uid].append(inst)
 
     images, warnings, flagged = [], [], []
+    patient_id_from: dict[str, str] = {}
     for uid, members in sorted(series.items()):
         image_id = "I" + pseudo.pseudonym("image", uid)
         first = members[0]
@@ -188,7 +217,7 @@ def collect_dicom(
             used, why = select_series([m.image for m in members], n_slices, params.series)
             reason = None if used else "series_not_selected"
         if reason is not None:
-            quarantine += [(m.rel, reason, f"series {image_id}: {why}") for m in members]
+            quarantine += [(m.file, reason, f"series {image_id}: {why}") for m in members]
             for m in members:
                 _unwrite(write_dir, pseudo, m.image.ids)
             continue
@@ -200,10 +229,11 @@ def collect_dicom(
         record = partial(
             ImageRecord, patient_id=first.patient_id, study_id=first.study_id, series_uid=uid,
             study_date=first.study_date, spacing=spacing, modality=first.image.modality,
-            unit="uint8" if first.image.channels == 3 else first.image.unit, files=[m.rel for m in members],
+            unit="uint8" if first.image.channels == 3 else first.image.unit, files=[m.file for m in members],
             label_value=first.image.ids.label_value, channels=first.image.channels, selection=why,
         )  # fmt: skip
         frames = len(members) == 1 and first.image.n_frames > 1 and params.multiframe == "split"
+        n_before = len(images)
         if frames:  # one 2D image per frame of a multi-frame instance
             for k in range(pixels.shape[0]):
                 images.append(record(image_id=f"{image_id}-f{k:04d}",
@@ -211,6 +241,7 @@ def collect_dicom(
                                      spacing=spacing and spacing[-2:]))  # fmt: skip
         else:
             images.append(record(image_id=image_id, pixels=_channel_first(pixels, first.image.channels)))
+        patient_id_from.update((im.image_id, first.patient_id_from) for im in images[n_before:])
     audit = {
         "profile": f"DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile (table {PROFILE_TABLE})",
         "options": {
@@ -224,7 +255,17 @@ def collect_dicom(
         "burned_in_review": flagged,
         "secret": pseudo.secret_source,
     }
-    return len(files), images, quarantine, warnings, audit
+    return Collected(len(files), images, quarantine, warnings, audit, paths, patient_id_from)
+
+
+def _without_path(detail: str, path: Path, rel: str, file: str) -> str:
+    """A quarantine detail with the file's path (absolute, relative, or its name) replaced by its pseudonym: a
+    library's message may quote the file it read. Forms under 8 characters are left (a number in the message is
+    more likely than a path; "IM0001" identifies no one)."""
+    forms = {str(path), path.as_posix(), str(path.absolute()), rel, path.name}
+    for form in sorted((f for f in forms if len(f) >= 8), key=len, reverse=True):
+        detail = detail.replace(form, file)
+    return detail
 
 
 def _unwrite(write_dir: Path | None, pseudo: Pseudonymizer, ids: Any) -> None:
