@@ -16,8 +16,18 @@ writing the arrays (unlabelled, a corpus too small for a patient split is writte
 "failed" and the bare loops are still timed. The bare loop
 reads the same files (every regular file; a failure counts as processed) in one process and in ``--workers``
 processes; its workers return nothing to the parent (ingest's return the pixels). Each is timed ``--repeats`` times,
-interleaved, after warming this process's imports; the best time is reported, the median beside it.
+interleaved (the order rotated each repeat), after warming this process's imports; the best time is
+reported, the median beside it.
 ingest/this = ingest files/s / that bare loop's files/s (same files, so also the MB/s ratio); the target is >= 0.8.
+
+What the decode sanity layer (``ingest.sanity``, tasks/dicom/sanity.py) costs, two ways (the target: <= 10% of
+ingest's time): ``--sanity-cost`` also times ingest with ``ingest.sanity.enabled: false`` in the same interleaved
+repeats (end to end, as noisy as the two timings), and times the checks alone in this process: ``check_stored`` on
+the stored values of every file that decodes (decoding not counted), summed over the corpus, best of the repeats,
+beside ingest's best time x workers (the CPU seconds ingest had at most, so the share shown is a lower bound of
+its share; with ``--workers 1`` it is the share).
+
+    python benchmarks/ingest.py --repeats 3 --sanity-cost --out ingest-bench.json
 """
 
 from __future__ import annotations
@@ -108,33 +118,80 @@ def limited(folder: Path, limit: int | None, tmp: Path, exclude: frozenset[Path]
     return tmp
 
 
-def bench_corpus(name: str, folder: Path, params: Params, repeats: int, work: Path) -> dict[str, Any]:
-    """Time ingest and the two bare loops ``repeats`` times each, interleaved, on every file under ``folder``."""
+def stored_of(files: list[Path]) -> list[tuple[Any, dict[str, Any]]]:
+    """The decoded stored values of every file that decodes, with the keyword arguments ingest's read passes to
+    ``check_stored`` for it (what the sanity checks see; files that fail before or while decoding are left out)."""
+    from tasks.dicom import DicomError, quiet_pydicom
+    from tasks.dicom.decode import GRAYSCALE, stored_values
+    from tasks.dicom.errors import decode_errors
+    from tasks.dicom.load import load_dataset
+    from tasks.dicom.read import check_usable
+
+    out = []
+    for f in files:
+        try:
+            with quiet_pydicom():
+                ds = load_dataset(f)
+                photometric = check_usable(ds, "rgb")
+                stored = stored_values(ds, photometric, [])
+                syntax = ds.file_meta.get("TransferSyntaxUID")
+                out.append((stored, {"bits_stored": int(ds.get("BitsStored") or ds.BitsAllocated),
+                                     "signed": int(ds.get("PixelRepresentation") or 0) == 1,
+                                     "grayscale": photometric in GRAYSCALE,
+                                     "compressed": bool(syntax is not None and syntax.is_encapsulated)}))  # fmt: skip
+        except (DicomError, *decode_errors()):  # not decodable: ingest quarantines it before the checks
+            continue
+    return out
+
+
+def time_sanity(decoded: list[tuple[Any, dict[str, Any]]], limits: Any) -> float:
+    """Seconds ``check_stored`` takes over ``decoded`` (what it refuses counts too: the check ran)."""
+    from tasks.dicom import DicomError
+    from tasks.dicom.sanity import check_stored
+
+    t = time.perf_counter()
+    for stored, kwargs in decoded:
+        try:
+            check_stored(stored, limits=limits, **kwargs)
+        except DicomError:
+            pass
+    return time.perf_counter() - t
+
+
+def bench_corpus(name: str, folder: Path, params: Params, repeats: int, work: Path,
+                 sanity_cost: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Time ingest and the two bare loops ``repeats`` times each, interleaved, on every file under ``folder``;
+    with ``sanity_cost`` also ingest without the sanity checks, and the checks alone (see the module docstring)."""
     from tqdm import tqdm
 
     from tasks import ingest
+    from tasks.dicom.sanity import SanityLimits
 
     files = corpus_files(folder)
     mb = sum(f.stat().st_size for f in files) / 1e6
     workers = params.ingest.workers
 
     ip = params.ingest.model_copy(update={"labels_csv": None})  # unlabelled, whatever folder this is
+    ip_off = ip.model_copy(update={"sanity": ip.sanity.model_copy(update={"enabled": False})})
 
-    def run_ingest() -> Any:
-        return ingest.run(ip, work / "out", class_names=params.base.class_names,
+    def run_ingest(p: Any = ip) -> Any:
+        return ingest.run(p, work / "out", class_names=params.base.class_names,
                           split_seed=params.base.split_seed, input_path=folder, labels_csv=None, progress=False)
 
     methods: dict[str, Callable[[], Any]] = {
         "ingest": run_ingest,
+        **({"ingest, no sanity": lambda: run_ingest(ip_off)} if sanity_cost else {}),
         "bare 1 proc": lambda: bare_loop(files, 1),
         f"bare {workers} procs": lambda: bare_loop(files, workers),
     }
     times: dict[str, list[float]] = {m: [] for m in methods}
     summary: dict[str, Any] | None = None
     error = None
-    for _ in tqdm(range(repeats), desc=f"{name}: repeats", unit="rep"):
-        for method, call in methods.items():
-            if method == "ingest" and error:
+    order = list(methods)
+    for r in tqdm(range(repeats), desc=f"{name}: repeats", unit="rep"):
+        for method in order[r % len(order):] + order[: r % len(order)]:  # rotated: no method always goes first
+            call = methods[method]
+            if method.startswith("ingest") and error:
                 continue
             t = time.perf_counter()
             try:
@@ -151,9 +208,19 @@ def bench_corpus(name: str, folder: Path, params: Params, repeats: int, work: Pa
         rows[method] = {"best_s": best, "median_s": statistics.median(ts) if ts else None, "times_s": ts,
                         "files_per_s": best and len(files) / best, "mb_per_s": best and mb / best}
     ingest_s = rows["ingest"]["best_s"]
-    ratios = {m: ingest_s and rows[m]["best_s"] / ingest_s for m in methods if m != "ingest"}
+    ratios = {m: ingest_s and rows[m]["best_s"] and rows[m]["best_s"] / ingest_s for m in methods if m != "ingest"}
+    sanity = None
+    if sanity_cost:
+        decoded = stored_of(files)
+        limits = SanityLimits(ip.sanity.max_mode_fraction, ip.sanity.max_jump_fraction)
+        alone = min(time_sanity(decoded, limits) for _ in range(max(1, repeats)))
+        off = rows["ingest, no sanity"]["best_s"]
+        sanity = {"checks_alone_s": alone, "files_checked": len(decoded),
+                  "share_of_ingest_cpu_lower_bound": ingest_s and alone / (ingest_s * workers),
+                  "end_to_end_share": ingest_s and off and (ingest_s - off) / ingest_s}  # fmt: skip
     return {"corpus": name, "path": str(folder), "files": len(files), "mb": mb, "workers": workers,
-            "methods": rows, "ratio_ingest_over_bare": ratios, "ingest_error": error, "summary": summary}
+            "methods": rows, "ratio_ingest_over_bare": ratios, "ingest_error": error, "summary": summary,
+            "sanity": sanity}
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -169,6 +236,15 @@ def format_table(results: list[dict[str, Any]]) -> str:
                 cells = f"{m['best_s']:>8.2f}{m['median_s']:>10.2f}{m['files_per_s']:>9.1f}{m['mb_per_s']:>8.2f}"
             lines.append(f"{r['corpus'][:15]:<16}{r['files']:>6}{r['mb']:>8.1f}  {method:<15}{cells}"
                          f"{'' if ratio is None else f'{ratio:.2f}':>13}")
+    for r in results:
+        c = r.get("sanity")
+        if c:
+            e2e = c["end_to_end_share"]
+            lines.append(f"{r['corpus']}: sanity checks alone {c['checks_alone_s'] * 1000:.1f} ms for "
+                         f"{c['files_checked']} decoded files = {c['share_of_ingest_cpu_lower_bound']:.1%} of "
+                         f"ingest's {r['workers']} workers x best time (a lower bound of their share); ingest "
+                         f"with / without them: {'n/a' if e2e is None else f'{e2e:+.1%}'} (end to end); target "
+                         "<= 10%")  # fmt: skip
     for r in results:
         s = r["summary"]
         if r["ingest_error"]:
@@ -192,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra params override")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    ap.add_argument("--sanity-cost", action="store_true",
+                    help="also time ingest with ingest.sanity.enabled false, and the sanity checks alone")
     args = ap.parse_args(argv)
     # colour converted, not rejected: ingest then decodes every file the bare loop decodes (like for like)
     overrides = {"ingest.color": "rgb", **parse_sets(args.set), "ingest.workers": args.workers}
@@ -211,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         for i, (name, folder, exclude) in enumerate(corpora):
             work = tmp / f"corpus{i}"
             corpus = limited(folder, args.limit, work / "in", exclude)
-            results.append(bench_corpus(name, corpus, params, args.repeats, work))
+            results.append(bench_corpus(name, corpus, params, args.repeats, work, args.sanity_cost))
             results[-1]["path"] = str(folder)
             results[-1]["excluded"] = sorted(str(p.relative_to(folder)) for p in exclude)
     print()

@@ -82,6 +82,16 @@ class SeriesParams(_Strict):
     max_gap_factor: float = Field(1.5, gt=1)  # a gap over this x the median slice step is a missing slice
 
 
+class SanityParams(_Strict):
+    """Decode sanity checks after every decode (tasks/dicom/sanity.py: the thresholds' measurements); each refusal
+    is a quarantine reason of its own (implausible_values, constant_image, corrupt_stream)."""
+
+    enabled: bool = True  # false: not checked (to time them); the codestream header check always runs
+    max_mode_fraction: float = Field(0.99, gt=0.5, le=1)  # constant_image: a larger share of pixels hold one value
+    max_jump_fraction: float = Field(0.25, gt=0, le=1)  # corrupt_stream: a compressed grayscale image's row band
+    # with a larger share of neighbours more than 1/8 of the BitsStored range apart (real images: <= 0.19)
+
+
 class IngestParams(_Strict):
     source: Literal["dicom", "medmnist"] = "dicom"
     # the data set, one path (so that it is one DVC dependency): a folder of DICOM files (any nesting) holding
@@ -98,6 +108,10 @@ class IngestParams(_Strict):
     color: Literal["reject", "rgb"] = "reject"  # RGB/YBR/PALETTE COLOR: quarantine (grayscale task) or keep as RGB
     voi: bool = False  # apply the file's VOI LUT / first window after the Modality LUT (display units, not HU)
     multiframe: Literal["stack", "split"] = "stack"  # a multi-frame instance: one volume, or one image per frame
+    # ImageType values whose images are quarantined (excluded_image_type); one matching value of a file's ImageType
+    # excludes it. Default: scouts. Others: DERIVED, SECONDARY, MPR, PROJECTION IMAGE, ...
+    exclude_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
+    sanity: SanityParams = SanityParams()
     workers: int = Field(2, ge=1)
     # where ingest writes the only mapping from its file pseudonyms (quarantine.csv) back to the real paths, which
     # name patients in real exports: a LOCAL report, git-ignored (/reports/*), no DVC output, never logged; outside
@@ -115,6 +129,16 @@ class IngestParams(_Strict):
                     "table is part of the stage's one DVC dependency; copy it into the data folder"
                 )
         return value
+
+    @field_validator("exclude_image_types")
+    @classmethod
+    def _image_type_values(cls, value: list[str]) -> list[str]:
+        out = [v.strip().upper() for v in value]
+        bad = [v for v in out if not (0 < len(v) <= 16 and all(c.isascii() and (c.isalnum() or c in " _") for c in v))]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an ImageType value (DICOM CS: up to 16 of A-Z 0-9 space _), "
+                             "e.g. LOCALIZER")
+        return out
 
     @model_validator(mode="after")
     def _medmnist_has_no_label_table(self) -> IngestParams:

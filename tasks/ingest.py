@@ -53,7 +53,10 @@ from tasks.sources.records import ImageRecord
 MANIFEST_COLUMNS = (
     "image_id", "patient_id", "study_id", "series_uid", "study_date", "label", "split", "path", "sha256",
     "shape", "spacing", "modality", "unit", "n_instances", "channels", "selection", "patient_id_from",
+    "notes",
 )  # fmt: skip
+# notes: what the reader did beyond the standard path, "; "-joined fixed sentences (a gzip-wrapped file unwrapped,
+# an empty LUT item ignored, MONOCHROME2 assumed for an ACR-NEMA file, ...: tasks.dicom.DicomImage.notes)
 # patient_id_from: what the patient pseudonym was made from (tasks.dicom.pseudonym.PATIENT_ID_FROM): "PatientID", or
 # when the instance had none (empty or absent) "StudyInstanceUID" / "SOPInstanceUID" / "file" (a patient of its own);
 # "" for a source without patient ids (MedMNIST: each image is its own patient)
@@ -297,6 +300,7 @@ def run(
             "" if im.label is None else im.label, im.split, rel, hashlib.sha256(pixels.tobytes()).hexdigest(),
             json.dumps(list(pixels.shape)), json.dumps(im.spacing and [round(s, 6) for s in im.spacing]),
             im.modality, im.unit, len(im.files), im.channels, im.selection, patient_id_from.get(im.image_id, ""),
+            "; ".join(im.notes),
         ))  # fmt: skip
     _write_csv(output / "manifest.csv", MANIFEST_COLUMNS, rows)
     quarantine.sort()

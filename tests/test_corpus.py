@@ -1,10 +1,12 @@
-"""Real-world DICOM: every file of the pydicom-data package and of pydicom's own test files through ingest's
-per-file path (read, judge, PS3.15 de-identification, decode, de-identified copy), one expected outcome per file.
+"""Real-world DICOM: every file of the pydicom-data package, of pydicom's own test files and of the files made for
+the reader's cases (tests/_dicom_cases.py, corpus ``made``) through ingest's per-file path (read, judge, PS3.15
+de-identification, decode, decode sanity, de-identified copy) with the real params' ImageType exclusion and sanity
+thresholds, one expected outcome per file.
 
-A file is either decoded (shape from its header, float32, finite, a plausible range for its unit, a de-identified
-copy that says so) or quarantined with the specific reason listed here. Zero crashes: an exception that is not one
-of the errors pydicom and its plugins raise for a file's data stops ingest's worker (UnexpectedReadError, naming
-the file), and fails the test of that file.
+A file is either decoded (shape from its header, float32, finite, a plausible range for its unit, exactly the notes
+listed here, a de-identified copy that says so) or quarantined with the specific reason listed here. Zero crashes:
+an exception that is not one of the errors pydicom and its plugins raise for a file's data stops ingest's worker
+(UnexpectedReadError, naming the file), and fails the test of that file.
 """
 
 from __future__ import annotations
@@ -19,13 +21,19 @@ import pydicom
 import pytest
 
 from tasks import ingest
-from tasks.config import DeidParams
+from tasks.config import DeidParams, load_params
 from tasks.dicom import DicomError, DicomImage, read_dicom
+from tasks.dicom.decode import NOTE_JPEG12_GDCM, NOTE_MODALITY_LUT
+from tasks.dicom.load import NOTE_GZIP
 from tasks.dicom.profile import deidentify
 from tasks.dicom.pseudonym import Pseudonymizer
+from tasks.dicom.read import NOTE_PHOTOMETRIC
+from tasks.dicom.sanity import SanityLimits
 from tasks.sources.dicom_folder import _read_one
+from tests._dicom_cases import MADE, make_all
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _roots() -> dict[str, Path | None]:
@@ -49,7 +57,6 @@ QUARANTINED = [
     ("pydicom", "*.txt", "not_dicom"),
     ("pydicom", "*.json", "not_dicom"),
     ("pydicom", "*.dump", "not_dicom"),
-    ("pydicom", "zipMR.gz", "not_dicom"),
     ("pydicom", "crayons.icc", "not_dicom"),
     ("pydicom", "no_meta.dcm", "not_dicom"),  # no preamble, and nothing of an image or SOP instance
     ("pydicom", "dicomdirtests/TINY_ALPHA/README", "not_dicom"),
@@ -71,11 +78,39 @@ QUARANTINED = [
     ("pydicom", "badVR.dcm", "not_an_image"),  # RT Dose with a wrong VR
     ("pydicom", "rtdose*.dcm", "not_an_image"),
     ("pydicom", "liver*.dcm", "not_an_image"),
-    ("pydicom", "JPEG-lossy.dcm", "decode_failed"),  # a 12-bit lossy JPEG no installed plugin decodes
     ("pydicom", "JPEG2000-embedded-sequence-delimiter.dcm", "decode_failed"),  # a corrupt codestream
-    ("pydicom", "meta_missing_tsyntax.dcm", "unsupported_photometric"),  # no PhotometricInterpretation
-    ("pydicom", "nested_priv_SQ.dcm", "unsupported_photometric"),
+    ("pydicom", "meta_missing_tsyntax.dcm", "decode_failed"),  # Pixel Data (2 bytes) without Rows, Columns, ...
+    ("pydicom", "nested_priv_SQ.dcm", "decode_failed"),
+    ("pydicom", "dicomdirtests/98892001/CT2N/6293", "excluded_image_type"),  # CT scouts: ImageType LOCALIZER
+    ("pydicom", "dicomdirtests/98892001/CT2N/6924", "excluded_image_type"),
+    # made for the reader's cases (tests/_dicom_cases.py: how each is made)
+    ("made", "cut_in_header.dcm", "truncated"),  # was no_pixel_data: pydicom stops quietly inside a header
+    ("made", "deep_nesting.dcm", "malformed"),  # was a RecursionError escaping (a crash)
+    ("made", "localizer.dcm", "excluded_image_type"),
+    ("made", "all_zero.dcm", "constant_image"),
+    ("made", "near_constant.dcm", "constant_image"),
+    ("made", "j2k_values_over_bits_stored.dcm", "implausible_values"),
+    ("made", "rle_striped_noise.dcm", "corrupt_stream"),  # the noise statistic
+    ("made", "jpegls_damaged.dcm", "corrupt_stream"),  # GDCM (CharLS) rejects it, pylibjpeg decodes garbage
+    ("made", "jpeg_precision_53.dcm", "corrupt_stream"),  # the header check (GDCM would abort the process)
+    ("made", "jpeg_rows_mismatch.dcm", "corrupt_stream"),
+    ("made", "rle_panic.dcm", "decode_failed"),  # pylibjpeg-rle panics (a BaseException): was a crash
 ]
+
+# (corpus, glob) -> the notes a decoded file carries (DicomImage.notes, for the manifest); every other decoded
+# file carries none
+NOTES = [
+    ("pydicom", "zipMR.gz", (NOTE_GZIP,)),  # was not_dicom
+    ("pydicom", "JPEG-lossy.dcm", (NOTE_JPEG12_GDCM,)),  # was decode_failed: no pydicom plugin decodes it
+    ("made", "ct_small.dcm.gz", (NOTE_GZIP,)),
+    ("made", "empty_modality_lut.dcm", (NOTE_MODALITY_LUT,)),  # was decode_failed
+    ("made", "acr_nema_no_photometric.dcm", (NOTE_PHOTOMETRIC,)),  # was unsupported_photometric
+]
+
+# what ingest runs with: the real params' ImageType exclusion and sanity thresholds
+INGEST = load_params(REPO / "params.yaml").ingest
+EXCLUDE = tuple(INGEST.exclude_image_types)
+SANITY = SanityLimits(INGEST.sanity.max_mode_fraction, INGEST.sanity.max_jump_fraction)
 
 
 def _files() -> list[tuple[str, str]]:
@@ -85,7 +120,7 @@ def _files() -> list[tuple[str, str]]:
             continue
         out += [(corpus, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*"))
                 if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]  # fmt: skip
-    return out
+    return out + [("made", name) for name in MADE]
 
 
 FILES = _files()
@@ -96,6 +131,19 @@ def expected_reason(corpus: str, rel: str) -> str | None:
         if c == corpus and fnmatch.fnmatch(rel, pattern):
             return reason
     return None
+
+
+def expected_notes(corpus: str, rel: str) -> tuple[str, ...]:
+    for c, pattern, notes in NOTES:
+        if c == corpus and fnmatch.fnmatch(rel, pattern):
+            return notes
+    return ()
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files made for the reader's cases (tests/_dicom_cases.py), written once per session."""
+    return make_all(tmp_path_factory.mktemp("made"))
 
 
 def test_the_corpora_are_there() -> None:
@@ -126,17 +174,21 @@ def _plausible(im: DicomImage) -> None:
 
 
 @pytest.mark.parametrize(("corpus", "rel"), FILES, ids=[f"{c}/{r}" for c, r in FILES])
-def test_every_file_is_decoded_or_quarantined_with_its_reason(corpus: str, rel: str, tmp_path: Path) -> None:
-    path = ROOTS[corpus] / rel
+def test_every_file_is_decoded_or_quarantined_with_its_reason(corpus: str, rel: str, tmp_path: Path,
+                                                              made: Path) -> None:  # fmt: skip
+    root = made if corpus == "made" else ROOTS[corpus]
+    path = root / rel
     expected = expected_reason(corpus, rel)
-    got = _read_one(path, root=ROOTS[corpus], label_key=None, color="rgb", voi=False, deidentify=DEID,
-                    write_dir=tmp_path)  # exactly what ingest's workers run; raises for what is not the file's fault
+    got = _read_one(path, root=root, label_key=None, color="rgb", voi=False, deidentify=DEID, write_dir=tmp_path,
+                    exclude_image_types=EXCLUDE, sanity=SANITY)  # exactly what ingest's workers run; raises for
+    # what is not the file's fault
     if expected is not None:
         assert isinstance(got, DicomError), f"expected quarantine ({expected}), got a decoded image"
         assert got.reason == expected, got.detail
         assert not any(tmp_path.rglob("*.dcm")), "a quarantined file left a de-identified copy"
         return
     assert isinstance(got, DicomImage), f"expected a decoded image, got {got.reason}: {got.detail}"
+    assert got.notes == expected_notes(corpus, rel)
     _plausible(got)
     assert got.deid_counts and got.deid_counts.get("U", 0) >= 1  # at least the SOP Instance UID was remapped
     (copy,) = tmp_path.rglob("*.dcm")

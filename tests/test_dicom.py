@@ -3,6 +3,7 @@ pydicom's global settings left alone, and pydicom confined to one package."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 import pickle
 import re
@@ -127,6 +128,39 @@ def _damage_vr(keyword_tag: bytes, vr: bytes, new_vr: bytes):
     return damage
 
 
+def _localizer(path: Path) -> None:
+    _set(path, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+
+
+def _all_zero(path: Path) -> None:
+    ds = pydicom.dcmread(path)
+    ds.PixelData = bytes(len(ds.PixelData))
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _j2k_over_bits_stored(path: Path) -> None:
+    """pydicom's MR_small.dcm (64 x 64: openjpeg's default resolutions need 32 pixels) as lossless JPEG 2000 of
+    values 0..8190, then BitsStored 12 in the header: the codec returns values over 4095, the most 12 bits hold
+    (pydicom masks native data to BitsStored, but not a JPEG 2000 decoder's output)."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.PixelRepresentation = 0
+    ds.compress(JPEG2000Lossless, (np.arange(4096, dtype=np.uint16) * 2).reshape(64, 64), bits_stored=16)
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _jpeg_rows_mismatch(path: Path) -> None:
+    """pydicom's JPEG-LL.dcm (JPEG Lossless, 1024 x 256) whose data set says 512 rows: its SOF header says 1024."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
+    ds.Rows = 512
+    ds.save_as(path, enforce_file_format=True)
+
+
 def _set_photometric(value: str):
     def damage(path: Path) -> None:
         ds = pydicom.dcmread(path)
@@ -151,6 +185,10 @@ CASES = [
     ("decode_failed", _damage_vr(b"\x28\x00\x11\x00", b"US", b"SH")),  # Columns as text: a TypeError in pydicom
     ("unreadable", lambda p: (p.unlink(), p.mkdir())),  # the operating system refuses to read it (a folder)
     ("not_an_image", lambda p: _set(p, SOPClassUID="1.2.840.10008.5.1.4.1.1.66.4")),  # a Segmentation object
+    ("excluded_image_type", _localizer),  # read with exclude_image_types=("LOCALIZER",), as ingest's default
+    ("constant_image", _all_zero),
+    ("implausible_values", _j2k_over_bits_stored),
+    ("corrupt_stream", _jpeg_rows_mismatch),
 ]
 
 
@@ -191,7 +229,7 @@ def test_a_malformed_geometry_value_is_dropped_not_fatal(ct_file: Path) -> None:
 def test_bad_files_raise_dicom_error_with_reason(ct_file: Path, reason: str, damage) -> None:
     damage(ct_file)
     with pytest.raises(DicomError) as info:
-        read_dicom(ct_file)
+        read_dicom(ct_file, exclude_image_types=("LOCALIZER",))
     assert info.value.reason == reason, info.value.detail
     assert info.value.detail and "DOE" not in info.value.detail
 
@@ -319,7 +357,7 @@ def dicom_folder_tree(tmp_path: Path) -> Path:
     """Four CT slices under ``in/a`` and ``in/b`` (instance numbers 1..4; number 3 is ``b/three.dcm``)."""
     root = tmp_path / "in"
     for n, rel in enumerate(["a/one.dcm", "a/two.dcm", "b/three.dcm", "b/four.dcm"], start=1):
-        stored = np.full((8, 8), n, np.int16)
+        stored = (np.full((8, 8), n) + np.arange(64).reshape(8, 8)).astype(np.int16)  # not constant (sanity)
         write_ct_slice(root / rel, stored, _header(sop_uid=derive_uid("t", "sop", n), instance_number=n,
                                                     image_position=(0.0, 0.0, 2.5 * n)))  # fmt: skip
     return root
@@ -449,3 +487,193 @@ def test_a_copy_pydicom_cannot_encode_is_deid_failed(ct_file: Path, tmp_path: Pa
         write_deidentified(ds, tmp_path / "copies")
     assert info.value.reason == "deid_failed" and "UnicodeEncodeError" in info.value.detail
     assert not list(tmp_path.glob("copies/**/*.dcm"))
+
+
+# --- the decode sanity layer (tasks.dicom.sanity) ---------------------------------------------------------------------
+
+
+def _noise(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-32768, 32767, shape).astype(np.int16)
+
+
+def test_jump_fraction_tells_noise_from_images() -> None:
+    from tasks.dicom.sanity import SanityLimits, jump_fraction
+
+    limit = SanityLimits().max_jump_fraction
+    ramp = np.arange(256 * 256, dtype=np.int32).reshape(256, 256).astype(np.int16)  # 0..65535 wrapped: smooth
+    assert jump_fraction(ramp // 4, 16) == 0.0
+    assert 0.7 < jump_fraction(_noise((256, 256)), 16) < 0.85  # uniform noise: P(|a - b| > 2^16 / 8) = 0.77
+    damaged = np.zeros((256, 256), np.int16)
+    damaged[192:] = _noise((64, 256))  # the bottom quarter: a decoder that lost sync part way down
+    assert jump_fraction(damaged, 16) > limit
+    cine = np.stack([ramp // 4] * 5 + [_noise((256, 256))])  # one noisy frame of six
+    assert jump_fraction(cine, 16) > limit and jump_fraction(cine[:5], 16) == 0.0
+    from pydicom.data import get_testdata_file
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array  # a real image, 128 x 128
+    assert jump_fraction(ct, 16) < limit / 2
+
+
+def test_sanity_checks_and_their_thresholds() -> None:
+    from tasks.dicom.sanity import SanityLimits, check_stored, mode_fraction
+
+    def check(stored: np.ndarray, limits: SanityLimits | None = None, **kw) -> str:
+        args = {"bits_stored": 16, "signed": True, "grayscale": True, "compressed": True, **kw}
+        try:
+            check_stored(stored, limits=limits or SanityLimits(), **args)
+        except DicomError as exc:
+            assert "ingest.sanity" in exc.detail or exc.reason != "corrupt_stream"
+            return exc.reason
+        return "ok"
+
+    image = (np.arange(64 * 64).reshape(64, 64) % 997).astype(np.int16)
+    assert check(image) == "ok"
+    assert check(image, bits_stored=9) == "implausible_values"  # 996 > 255, the most 9 signed bits hold
+    assert check(image.astype(np.uint16), bits_stored=10, signed=False) == "ok"
+    assert check(np.full((64, 64), 7, np.int16)) == "constant_image"
+    speck = np.zeros((64, 64), np.int16)
+    speck[0, :10] = 5  # 10 of 4,096 pixels: 99.76 % hold one value
+    assert mode_fraction(speck) == pytest.approx(1 - 10 / 4096)
+    assert check(speck) == "constant_image"
+    assert check(speck, SanityLimits(max_mode_fraction=0.999)) == "ok"
+    noise = _noise((64, 64))
+    assert check(noise) == "corrupt_stream"
+    assert check(noise, compressed=False) == "ok"  # native data cannot lose sync
+    assert check(noise, grayscale=False) == "ok"  # colour / palette samples are no intensities
+    assert check(noise[:63]) == "ok"  # under 64 rows: real images are rough at that scale too
+    assert check((noise // 256 + 128).astype(np.uint8), bits_stored=8, signed=False) == "ok"  # 8-bit: real content
+    # fills the range (ultrasound, secondary capture): the statistic cannot tell
+    assert check(noise, SanityLimits(max_jump_fraction=0.9)) == "ok"
+    assert check(np.array([[0.0, np.nan]], np.float32)) == "implausible_values"
+
+
+def test_sanity_is_per_params(ct_file: Path, make_params, tmp_path: Path) -> None:
+    """ingest.sanity.enabled: false lets a blank image through (to time the checks); the default refuses it;
+    ingest.exclude_image_types is what ingest's read excludes (any one ImageType value)."""
+    _all_zero(ct_file)
+    derived = tmp_path / "derived.dcm"
+    write_ct_slice(derived, np.arange(320, dtype=np.int16).reshape(16, 20), _header(sop_uid=derive_uid("t", "d")))
+    _set(derived, ImageType=["DERIVED", "SECONDARY", "AXIAL"])
+    files = [ct_file, derived]
+    got = {}
+    for overrides in ({}, {"ingest.sanity.enabled": False, "ingest.exclude_image_types": ["derived"]}):
+        ip = make_params(overrides).ingest
+        res = dicom_folder.read_all(files, tmp_path, ip, Pseudonymizer.from_params(ip.deid), None, progress=False)
+        got[bool(overrides)] = [getattr(r, "reason", "decoded") for r in res]
+    assert got == {False: ["constant_image", "decoded"], True: ["decoded", "excluded_image_type"]}
+
+
+@pytest.mark.parametrize(("value", "ok"), [("localizer", "LOCALIZER"), (" MPR ", "MPR"), ("PROJECTION IMAGE", None),
+                                           ("LOCALIZER\\X", False), ("A" * 17, False), ("", False)])  # fmt: skip
+def test_exclude_image_types_are_validated(value: str, ok: str | bool | None, make_params) -> None:
+    from tasks.config import ParamsError
+
+    if ok is False:
+        with pytest.raises(ParamsError, match="not an ImageType value"):
+            make_params({"ingest.exclude_image_types": [value]})
+    else:
+        got = make_params({"ingest.exclude_image_types": [value]}).ingest.exclude_image_types
+        assert got == [ok or value]
+
+
+# --- the reader's cases (tests/_dicom_cases.py): what a careful reader keeps is the same image ----------------------
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests._dicom_cases import make_all
+
+    return make_all(tmp_path_factory.mktemp("made"))
+
+
+@pytest.mark.parametrize(("name", "original", "note"), [
+    ("empty_modality_lut.dcm", "CT_small.dcm", "NOTE_MODALITY_LUT"),
+    ("ct_small.dcm.gz", "CT_small.dcm", "NOTE_GZIP"),
+    ("acr_nema_no_photometric.dcm", "MR_small.dcm", "NOTE_PHOTOMETRIC"),
+])  # fmt: skip
+def test_kept_files_decode_to_the_original_pixels(name: str, original: str, note: str, made: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    from tasks.dicom import decode, load, read
+
+    notes = {"NOTE_MODALITY_LUT": decode.NOTE_MODALITY_LUT, "NOTE_GZIP": load.NOTE_GZIP,
+             "NOTE_PHOTOMETRIC": read.NOTE_PHOTOMETRIC}  # fmt: skip
+    got, want = read_dicom(made / name), read_dicom(get_testdata_file(original))
+    np.testing.assert_array_equal(got.pixels, want.pixels)
+    assert got.notes == (notes[note],) and want.notes == ()
+
+
+def test_twelve_bit_jpeg_extended_decodes_like_its_corrected_copy() -> None:
+    """pydicom's JPEG-lossy.dcm (12-bit JPEG Extended, a scan header libjpeg rejects) decoded by GDCM directly
+    equals, within the lossy codecs' rounding, JPGExtended.dcm (the same image with the header corrected) decoded
+    by pylibjpeg."""
+    from pydicom.data import get_testdata_file
+
+    from tasks.dicom.decode import NOTE_JPEG12_GDCM
+
+    lossy = read_dicom(get_testdata_file("JPEG-lossy.dcm"))
+    fixed = read_dicom(get_testdata_file("JPGExtended.dcm"))
+    assert lossy.notes == (NOTE_JPEG12_GDCM,) and fixed.notes == ()
+    assert lossy.pixels.shape == fixed.pixels.shape == (1024, 256) and float(lossy.pixels.max()) > 200
+    assert np.abs(lossy.pixels - fixed.pixels).max() <= 1
+
+
+def test_an_empty_voi_lut_item_falls_back_to_the_window(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from tasks.dicom.decode import NOTE_VOI_LUT
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.save_as(tmp_path / "window.dcm", enforce_file_format=True)
+    ds.VOILUTSequence = Sequence([Dataset()])
+    ds.save_as(tmp_path / "empty_voi.dcm", enforce_file_format=True)
+    plain, empty = (read_dicom(tmp_path / n, voi=True) for n in ("window.dcm", "empty_voi.dcm"))
+    np.testing.assert_array_equal(empty.pixels, plain.pixels)
+    assert empty.notes == (NOTE_VOI_LUT,) and plain.notes == ()
+    hu = read_dicom(tmp_path / "window.dcm")  # without voi: HU, no window
+    assert not np.array_equal(plain.pixels, hu.pixels) and read_dicom(tmp_path / "empty_voi.dcm").notes == ()
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (lambda raw: gzip.compress(raw)[:-40], "truncated"),  # the gzip stream ends early
+    (lambda raw: gzip.compress(raw)[:20] + b"\x00" * 200, "malformed"),  # a damaged deflate stream
+    (lambda raw: gzip.compress(b"PatientName,label\nDOE^JANE,1\n"), "not_dicom"),  # unwrapped: not DICOM
+    (lambda raw: gzip.compress(b""), "empty_file"),
+])  # fmt: skip
+def test_gzip_wrapped_files_that_cannot_be_used(content, reason: str, ct_file: Path) -> None:
+    ct_file.write_bytes(content(ct_file.read_bytes()))
+    with pytest.raises(DicomError) as info:
+        read_dicom(ct_file)
+    assert info.value.reason == reason, info.value.detail
+    assert "DOE" not in info.value.detail
+
+
+def test_damaged_jpeg_ls_is_garbage_from_pylibjpeg(made: Path) -> None:
+    """Why a JPEG-LS stream GDCM (CharLS) rejects is corrupt_stream: pylibjpeg decodes the damaged file without an
+    error, into values across the whole int16 range where the original (MR_small.dcm) spans a few thousand."""
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import pixel_array
+
+    ds = pydicom.dcmread(made / "jpegls_damaged.dcm")
+    garbage = pixel_array(ds, decoding_plugin="pylibjpeg")
+    with pytest.raises(RuntimeError, match="gdcm"):
+        pixel_array(ds, decoding_plugin="gdcm")
+    original = pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).pixel_array
+    assert int(original.max()) - int(original.min()) < 5000 < 60000 < int(garbage.max()) - int(garbage.min())
+
+
+@pytest.mark.parametrize("depth", [150, 3000])
+def test_deep_sequence_nesting_is_read_or_malformed_never_a_crash(depth: int, tmp_path: Path) -> None:
+    from tests._dicom_cases import _deep_nesting
+
+    _deep_nesting(tmp_path / "deep.dcm", depth)
+    got = dicom_folder._read_one(tmp_path / "deep.dcm", root=tmp_path, label_key=None, color="reject", voi=False,
+                                 deidentify=DEID, write_dir=tmp_path / "out")  # fmt: skip
+    if depth == 150:  # within what pydicom's reader and writer follow: a usable image (and its copy)
+        assert not isinstance(got, DicomError), got.detail
+        assert len(list((tmp_path / "out").rglob("*.dcm"))) == 1
+    else:
+        assert isinstance(got, DicomError) and got.reason == "malformed" and "RecursionError" in got.detail

@@ -27,7 +27,16 @@ REASONS = (
     "deid_failed",  # the PS3.15 profile could not be applied (an element it must change does not parse), or the
     # de-identified instance could not be written as Part 10 (ingest.deid.write_dicom)
     "malformed",  # an element outside the pixel data does not parse (unknown VR, a length its VR does not allow,
-    # a bad character set) or the data set loses sync while it is parsed: a damaged file, not a cut one
+    # a bad character set), the data set loses sync while it is parsed, or its sequences nest deeper than the
+    # reader can follow (a RecursionError in pydicom's parser or the profile): a damaged file, not a cut one
+    # --- decode sanity (tasks/dicom/sanity.py): the pixels decoded, but they are not an image to learn from
+    "implausible_values",  # decoded stored values outside what BitsStored / PixelRepresentation can hold (a codec's
+    # garbage: pydicom masks native data to BitsStored), or NaN / infinity in float pixel data
+    "constant_image",  # every pixel holds one value, or more than ingest.sanity.max_mode_fraction of them do
+    "corrupt_stream",  # a damaged compressed stream: its header contradicts the data set (precision, size,
+    # samples), GDCM (CharLS) rejects a JPEG-LS stream that pylibjpeg decodes anyway, or the decoded grayscale
+    # image is striped noise (more than ingest.sanity.max_jump_fraction of a row band's neighbours far apart)
+    "excluded_image_type",  # an ImageType value listed in ingest.exclude_image_types (LOCALIZER: scouts)
 )
 
 class DicomError(Exception):

@@ -63,6 +63,11 @@ class DicomImage:
         has_overlay: the object carries an overlay plane (group 60xx OverlayData).
         channels: 1 for grayscale; 3 for colour converted to RGB, then ``pixels`` has a trailing axis of 3.
         deid_counts: PS3.15 actions applied to the instance (:mod:`tasks.dicom.profile`), None if not applied.
+        notes: what the reader did beyond the standard path, one short fixed sentence each (no values of the
+            file), for the manifest: a gzip-wrapped file unwrapped, MONOCHROME2 assumed for an ACR-NEMA file
+            without PhotometricInterpretation, an empty LUT Sequence item ignored, a decoder outside pydicom's
+            plugins used (the NOTE_* constants of :mod:`tasks.dicom.load`, :mod:`tasks.dicom.read` and
+            :mod:`tasks.dicom.decode`).
     """
 
     pixels: np.ndarray
@@ -89,3 +94,4 @@ class DicomImage:
     has_overlay: bool = False
     channels: int = 1
     deid_counts: dict[str, int] | None = None
+    notes: tuple[str, ...] = ()

@@ -1,22 +1,25 @@
-"""Reading DICOM: one Part 10 file to a :class:`DicomImage` (pixels in modality units, geometry, flags).
+"""Reading DICOM: one Part 10 file to a :class:`DicomImage` (pixels in modality units, geometry, flags, notes).
 
 A file that cannot be used raises :class:`DicomError` with a short, stable reason code, so that a stage can
 quarantine the file and go on. Only what pydicom and its pixel plugins raise for the file's data becomes a reason
 (:func:`parse_errors`, :func:`decode_errors`); any other exception is a bug (ours, or of the environment) and
 propagates. Nothing here writes files (:mod:`tasks.dicom.write` does) or leaves pydicom's global configuration
 changed (:func:`quiet_pydicom` sets and restores it).
+
+The pixels are decoded by :mod:`tasks.dicom.decode` and judged by :mod:`tasks.dicom.sanity` (garbage that decoded
+without an error is a reason too). What a careful reader keeps, and says so in ``DicomImage.notes``: a gzip-wrapped
+file (unwrapped, then read), an ACR-NEMA file without PhotometricInterpretation / SamplesPerPixel (MONOCHROME2
+for one sample), an empty Modality / VOI LUT Sequence item (ignored), 12-bit JPEG Extended (GDCM directly).
 """
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from tasks.dicom.decode import COLOR, GRAYSCALE, functional, stored_values, to_values
 from tasks.dicom.errors import (  # noqa: F401  (REASONS: re-exported for callers of tasks.dicom.read)
     REASONS,
     DicomError,
@@ -26,6 +29,8 @@ from tasks.dicom.errors import (  # noqa: F401  (REASONS: re-exported for caller
     quiet_pydicom,
 )
 from tasks.dicom.image import DicomImage, SourceIds
+from tasks.dicom.load import TOO_DEEP, load_dataset
+from tasks.dicom.sanity import SanityLimits, check_codestream, check_stored
 
 # SOP classes whose pixel data is not an image (segmentations are labels, RT Dose a dose grid): the segmentation
 # task will read SEG as a label source, not as input images.
@@ -37,10 +42,9 @@ NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66": "Raw Data",
     "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
 }
-_COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 
-_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
-_UNDEFINED_LENGTH = 0xFFFFFFFF
+# the manifest note of this module (stable wording: a reader may count it)
+NOTE_PHOTOMETRIC = "PhotometricInterpretation absent (ACR-NEMA): MONOCHROME2 assumed for one sample per pixel"
 
 
 def is_dicom_keyword(keyword: str) -> bool:
@@ -86,188 +90,6 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-def _check_not_truncated(ds: Any) -> None:
-    """Raise ``truncated`` when the last element read holds fewer bytes than its header declared.
-
-    pydicom stops quietly at end of file; the last raw element is the evidence. A file cut exactly at an element
-    boundary cannot be told from a complete one and is judged on what it contains.
-    """
-    if len(ds) == 0:
-        raise DicomError("truncated", "the file ends after the file meta information (no data set)")
-    last = ds.get_item(list(ds.keys())[-1])
-    length = getattr(last, "length", None)
-    value = getattr(last, "value", None)
-    if isinstance(value, bytes) and length not in (None, _UNDEFINED_LENGTH) and len(value) < length:
-        raise DicomError("truncated", f"element {last.tag} declares {length} bytes but the file holds {len(value)}")
-
-
-def _load_dataset(path: Path) -> Any:
-    """Read a file into a pydicom Dataset, validated as DICOM (inside :func:`quiet_pydicom`).
-
-    A file without the Part 10 preamble ("DICM" at byte 128) is re-read with ``force=True`` and accepted only if
-    it then holds DICOM image or SOP attributes; its transfer syntax is taken from how it parsed.
-
-    Raises:
-        DicomError: empty_file, unreadable, not_dicom, truncated or malformed.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        if path.stat().st_size == 0:
-            raise DicomError("empty_file", "the file has 0 bytes")
-        try:
-            ds = pydicom.dcmread(path, force=False)
-        except InvalidDicomError:
-            ds = _read_forced(path)
-    except OSError as exc:
-        if exc.errno is not None:  # the operating system's, not pydicom's "No tag to read at file position ..."
-            raise DicomError("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
-        raise DicomError("truncated", f"while parsing: {library_message(exc)}") from None
-    except (struct.error, EOFError) as exc:  # fewer bytes than a header needs: a file cut inside its meta or data
-        raise DicomError("truncated", f"while parsing: {library_message(exc)}") from None
-    except parse_errors() as exc:  # an unknown VR, a bad length, a bad character set in the header
-        raise DicomError("malformed", f"while parsing: {library_message(exc)}") from None
-    _check_not_truncated(ds)
-    return ds
-
-
-def _read_forced(path: Path) -> Any:
-    """A preamble-less file: parse with force, then insist on DICOM content (force parses anything)."""
-    import pydicom
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    try:
-        ds = pydicom.dcmread(path, force=True)
-        keys = set(ds.keys())
-    except parse_errors() as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise  # the operating system's: unreadable
-        raise DicomError("not_dicom", f"no DICOM preamble, and it does not parse ({type(exc).__name__})") from None
-    if not ({0x00080016, 0x00080060} & keys or {0x7FE00010, 0x00280010} <= keys):
-        raise DicomError("not_dicom", "no DICOM preamble and no SOP Class, Modality or image attributes")
-    if "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-        )
-    return ds
-
-
-def _functional(ds: Any, frame: int, sequence: str, keyword: str) -> Any:
-    """An attribute of an enhanced object's functional groups: the frame's own, else the shared one."""
-    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        items = ds.get(groups)
-        if items and len(items) > index:
-            inner = items[index].get(sequence)
-            if inner and keyword in inner[0]:
-                return inner[0].get(keyword)
-    return None
-
-
-def _number(value: Any, keyword: str, default: float) -> float:
-    """A rescale or window value of the file as a float; ``default`` when absent or empty.
-
-    Raises:
-        DicomError: decode_failed when it is not one number (validation is off, so an invalid DS stays text).
-    """
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except (TypeError, ValueError):  # float() of the file's value: text, or several values
-        raise DicomError("decode_failed", f"{keyword} is not one number") from None
-
-
-def _frame_rescale(ds: Any, n_frames: int) -> list[tuple[float, float]] | None:
-    """Per-frame (slope, intercept) of an enhanced object's Pixel Value Transformation functional group.
-
-    pydicom's ``apply_modality_lut`` reads only the top-level Rescale attributes, which enhanced objects keep in
-    their functional groups instead; the rescale itself is the same linear map.
-    """
-    if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
-        return None
-    out = []
-    for f in range(n_frames):
-        slope = _functional(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
-        intercept = _functional(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
-        if slope is None and intercept is None:
-            return None
-        out.append((_number(slope, "RescaleSlope", 1.0), _number(intercept, "RescaleIntercept", 0.0)))
-    return out
-
-
-def _check_window(ds: Any) -> None:
-    """Refuse a window that pydicom's ``apply_voi_lut`` would choke on (it computes with the values as given)."""
-    if ds.get("VOILUTSequence"):
-        return
-    for keyword in ("WindowCenter", "WindowWidth"):
-        value = ds.get(keyword)
-        values = [value] if isinstance(value, (str, float, int)) or not hasattr(value, "__iter__") else value
-        for v in values:
-            _number(v, keyword, 0.0)
-
-
-def _pixel_array(ds: Any) -> np.ndarray:
-    """pydicom's ``pixel_array`` (YBR_* converted to RGB), with its failures as reasons."""
-    try:
-        return ds.pixel_array
-    except decode_errors() as exc:  # a codec missing, a corrupt stream, a bad group 0028
-        if isinstance(exc, ValueError) and "less than expected" in str(exc):
-            raise DicomError("truncated", f"Pixel Data is shorter than Rows x Columns x Frames: {exc}") from None
-        raise DicomError("decode_failed", library_message(exc)) from None
-
-
-def _lut(apply: Callable[[np.ndarray, Any], np.ndarray], arr: np.ndarray, ds: Any, what: str) -> np.ndarray:
-    """One of pydicom's LUT functions, with its failures on the file's LUT or window elements as reasons."""
-    try:
-        return apply(arr, ds)
-    except decode_errors() as exc:
-        raise DicomError("decode_failed", f"{what}: {library_message(exc)}") from None
-
-
-def _decode(ds: Any, photometric: str, voi: bool) -> np.ndarray:
-    """Stored values to float32: colour to RGB (trailing axis 3), else the Modality LUT (per frame for enhanced
-    objects), then the VOI LUT / window when ``voi``, then MONOCHROME1 inverted."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-
-    stored = _pixel_array(ds)
-    if photometric in _COLOR:  # colour keeps its integer dtype (native byte order): 4x less to move than float32
-        rgb = _lut(apply_color_lut, stored, ds, "palette colour LUT") if photometric == "PALETTE COLOR" else stored
-        return np.ascontiguousarray(rgb, dtype=rgb.dtype.newbyteorder("="))
-    n_frames = int(ds.get("NumberOfFrames") or 1)  # pydicom has just decoded that many frames
-    per_frame = _frame_rescale(ds, n_frames) if n_frames > 1 else None
-    lut = per_frame is None and "ModalityLUTSequence" in ds
-    if per_frame is not None:
-        values = stored.astype(np.float32).reshape(n_frames, *stored.shape[-2:])
-        for f, (slope, intercept) in enumerate(per_frame):
-            values[f] = values[f] * np.float32(slope) + np.float32(intercept)
-        values = values.reshape(stored.shape)
-        slope, intercept = per_frame[0]  # the first frame's, for MONOCHROME1 below
-    elif lut:
-        values = _lut(apply_modality_lut, stored, ds, "Modality LUT")
-    else:  # the rescale in float32 (pydicom's apply_modality_lut computes it in float64: 2x the memory)
-        slope = _number(ds.get("RescaleSlope"), "RescaleSlope", 1.0) or 1.0
-        intercept = _number(ds.get("RescaleIntercept"), "RescaleIntercept", 0.0)
-        values = stored.astype(np.float32)
-        if (slope, intercept) != (1.0, 0.0):
-            values *= np.float32(slope)
-            values += np.float32(intercept)
-    if voi and (ds.get("VOILUTSequence") or ds.get("WindowCenter") is not None):
-        _check_window(ds)
-        values = _lut(apply_voi_lut, values, ds, "VOI LUT")
-    if photometric == "MONOCHROME1":  # pydicom validated BitsStored and PixelRepresentation while decoding
-        bits = int(ds.BitsStored)
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if ds.PixelRepresentation == 1 else (0, 2**bits - 1)
-        ends = np.array([lo, hi], dtype=np.float64)
-        if lut:
-            ends = _lut(apply_modality_lut, ends, ds, "Modality LUT").astype(np.float64)
-        else:
-            ends = ends * slope + intercept
-        values = np.float32(ends.min() + ends.max()) - values.astype(np.float32, copy=False)
-    return np.ascontiguousarray(values, dtype=np.float32)
-
-
 def source_ids(ds: Any, label_key: str | None) -> SourceIds:
     """The identifying values a caller pseudonymises (read before de-identification)."""
     label_value = None
@@ -284,29 +106,55 @@ def source_ids(ds: Any, label_key: str | None) -> SourceIds:
     )
 
 
-def check_usable(ds: Any, color: str = "reject") -> str:
-    """Judge a loaded data set before decoding; returns its PhotometricInterpretation.
+def image_types(ds: Any) -> list[str]:
+    """(0008,0008) ImageType values, upper case ("ORIGINAL", "PRIMARY", "LOCALIZER", ...); [] when absent."""
+    return [v.strip().upper() for v in _text(ds.get("ImageType")).split("\\") if v.strip()]
+
+
+def check_usable(
+    ds: Any, color: str = "reject", exclude_image_types: Collection[str] = (), notes: list[str] | None = None
+) -> str:
+    """Judge a loaded data set before decoding; returns its PhotometricInterpretation (MONOCHROME2 when absent
+    with one sample per pixel, as ACR-NEMA files have it; ``notes`` then says so).
+
+    Args:
+        exclude_image_types: ImageType values (upper case) whose images are not used (``ingest.exclude_image_types``:
+            LOCALIZER for scouts); one matching value of the file's ImageType excludes it.
 
     Raises:
-        DicomError: no_pixel_data, not_an_image (by SOP class), color_rejected or unsupported_photometric.
+        DicomError: no_pixel_data, not_an_image (by SOP class), excluded_image_type, decode_failed (no Rows,
+            Columns or BitsAllocated: pixel data nothing can interpret), color_rejected or unsupported_photometric.
     """
     sop_class = str(ds.get("SOPClassUID", ""))
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DicomError("no_pixel_data", f"no Pixel Data element (SOP class {sop_class or '?'})")
     if sop_class in NON_IMAGE_SOP_CLASSES:
         raise DicomError("not_an_image", f"{NON_IMAGE_SOP_CLASSES[sop_class]} object ({sop_class}): not an image")
+    excluded = [v for v in image_types(ds) if v in exclude_image_types]
+    if excluded:
+        raise DicomError("excluded_image_type", f"ImageType {'/'.join(image_types(ds))}: {excluded[0]} is in "
+                                                "ingest.exclude_image_types")
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
+    if missing:
+        raise DicomError("decode_failed", f"pixel data without the Image Pixel module's {', '.join(missing)}: "
+                                          "nothing to interpret it with")
     photometric = _text(ds.get("PhotometricInterpretation"))
-    samples = ds.get("SamplesPerPixel", 1)
-    if photometric in _COLOR:
+    samples = ds.get("SamplesPerPixel")
+    if not photometric and samples in (None, "", 1):
+        if notes is not None:
+            notes.append(NOTE_PHOTOMETRIC)
+        return "MONOCHROME2"
+    samples = 1 if samples in (None, "") else samples
+    if photometric in COLOR:
         if color == "reject":
             raise DicomError("color_rejected", f"{photometric} image; ingest.color is 'reject' (a grayscale task); "
                                                "set ingest.color: rgb to convert it to RGB")
         return photometric
-    if photometric not in _GRAYSCALE or samples != 1:
+    if photometric not in GRAYSCALE or samples != 1:
         raise DicomError(
             "unsupported_photometric",
             f"PhotometricInterpretation {photometric or '<missing>'!r} with SamplesPerPixel {samples}; "
-            f"supported: {' / '.join(_GRAYSCALE + _COLOR)}",
+            f"supported: {' / '.join(GRAYSCALE + COLOR)}",
         )
     return photometric
 
@@ -319,11 +167,11 @@ def _geometry(ds: Any, n_frames: int) -> dict[str, Any]:
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
     frame_positions = None
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-        spacing = spacing or _floats(_functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing"), 2)
-        thickness = thickness or _first_float(_functional(ds, 0, "PixelMeasuresSequence", "SliceThickness"))
-        orients = {_floats(_functional(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+        spacing = spacing or _floats(functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        thickness = thickness or _first_float(functional(ds, 0, "PixelMeasuresSequence", "SliceThickness"))
+        orients = {_floats(functional(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
                    for f in range(n_frames)}
-        positions = [_floats(_functional(ds, f, "PlanePositionSequence", "ImagePositionPatient"), 3)
+        positions = [_floats(functional(ds, f, "PlanePositionSequence", "ImagePositionPatient"), 3)
                      for f in range(n_frames)]
         if len(orients) == 1 and None not in orients:
             orientation = orientation or next(iter(orients))
@@ -341,28 +189,36 @@ def read_dicom(
     color: str = "reject",
     voi: bool = False,
     deidentify: Callable[[Any], Counter[str]] | None = None,
+    exclude_image_types: Collection[str] = (),
+    sanity: SanityLimits | None = SanityLimits(),  # noqa: B008  (frozen: one shared default is safe)
 ) -> DicomImage:
-    """Read, judge, (de-identify) and decode one DICOM file.
+    """Read, judge, (de-identify), decode and sanity-check one DICOM file.
 
     Args:
         path: any file; one without the Part 10 preamble is accepted only if it parses as DICOM image or SOP
-            attributes.
+            attributes; a gzip-wrapped one is unwrapped first.
         label_key: DICOM keyword whose value keys the label table (e.g. "AccessionNumber"), or None.
         color: "reject" (colour images are quarantined: a grayscale task) or "rgb" (converted to RGB).
         voi: apply the file's VOI LUT / first window after the Modality LUT (values become display units).
         deidentify: applied to the data set after the identifying values are read and before anything else is
             taken from it (``tasks.dicom.profile.deidentify`` bound to the project's pseudonymiser); its action
             counts are returned in ``DicomImage.deid_counts``.
+        exclude_image_types: ImageType values (upper case) whose images are refused (excluded_image_type).
+        sanity: the thresholds of the decode sanity checks (:mod:`tasks.dicom.sanity`); None: not checked (the
+            codestream header check, which keeps a damaged header away from the decoders, always runs).
 
     Returns:
         The decoded image: float32 pixels (H, W) or (F, H, W) in modality units (HU for CT), or with a trailing
-        RGB axis; geometry in mm; ``ids`` hold the original identifying values (memory only).
+        RGB axis; geometry in mm; ``ids`` hold the original identifying values (memory only); ``notes`` what the
+        reader did beyond the standard path.
 
     Raises:
-        DicomError: with a reason from :data:`REASONS`, for what pydicom and its plugins raise on the file's data.
-            Any other exception is not the file's fault (a bug, the environment) and propagates unchanged.
+        DicomError: with a reason from :data:`REASONS`, for what pydicom and its plugins raise on the file's data,
+            and for decoded values that are not an image. Any other exception is not the file's fault (a bug, the
+            environment) and propagates unchanged.
     """
-    return read_instance(path, label_key, color=color, voi=voi, deidentify=deidentify)[0]
+    return read_instance(path, label_key, color=color, voi=voi, deidentify=deidentify,
+                         exclude_image_types=exclude_image_types, sanity=sanity)[0]  # fmt: skip
 
 
 def read_instance(
@@ -372,6 +228,8 @@ def read_instance(
     color: str = "reject",
     voi: bool = False,
     deidentify: Callable[[Any], Counter[str]] | None = None,
+    exclude_image_types: Collection[str] = (),
+    sanity: SanityLimits | None = SanityLimits(),  # noqa: B008  (frozen: one shared default is safe)
 ) -> tuple[DicomImage, Any]:
     """:func:`read_dicom`, and the data set it read: de-identified when ``deidentify`` is given.
 
@@ -387,12 +245,13 @@ def read_instance(
             errors (an element it must change does not parse).
     """
     # check_usable, source_ids and _image only read elements (pydicom converts each on first access) and parse
-    # values defensively; _decode turns what pydicom's pixel functions raise into reasons itself. So the parse
+    # values defensively; decode turns what pydicom's pixel functions raise into reasons itself. So the parse
     # errors caught around them are pydicom's, on an element that does not parse.
+    notes: list[str] = []
     with quiet_pydicom():
-        ds = _load_dataset(Path(path))
+        ds = load_dataset(Path(path), notes)
         try:
-            photometric = check_usable(ds, color)
+            photometric = check_usable(ds, color, {v.upper() for v in exclude_image_types}, notes)
             ids = source_ids(ds, label_key)
         except parse_errors() as exc:
             raise DicomError("malformed", library_message(exc)) from None
@@ -402,21 +261,42 @@ def read_instance(
                 counts = dict(deidentify(ds))
             except parse_errors() as exc:  # never use (or write) a half-cleaned object
                 raise DicomError("deid_failed", f"de-identification: {library_message(exc)}") from None
+            except RecursionError:  # the profile walks sequences recursively
+                raise DicomError("malformed", f"de-identification: {TOO_DEEP}") from None
         try:
-            pixels = _decode(ds, photometric, voi)
-            image = _image(ds, photometric, voi, ids, pixels, counts)
+            stored = _stored(ds, photometric, sanity, notes)
+            pixels = to_values(ds, stored, photometric, voi, notes)
+            image = _image(ds, photometric, voi, ids, pixels, counts, notes)
         except parse_errors() as exc:
             raise DicomError("malformed", library_message(exc)) from None
     return image, ds
 
 
+def _stored(ds: Any, photometric: str, sanity: SanityLimits | None, notes: list[str]) -> Any:
+    """The decoded stored values, after the codestream header check and (``sanity`` not None) the sanity checks."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    compressed = syntax is not None and syntax.is_encapsulated and "PixelData" in ds
+    if compressed:
+        try:
+            check_codestream(ds)
+        except decode_errors() as exc:  # the fragments do not parse: pydicom's decoders would fail on them too
+            raise DicomError("decode_failed", f"encapsulated frames: {library_message(exc)}") from None
+    stored = stored_values(ds, photometric, notes)
+    if sanity is not None:
+        bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+        check_stored(stored, bits_stored=bits, signed=int(ds.get("PixelRepresentation") or 0) == 1,
+                     grayscale=photometric in GRAYSCALE, compressed=compressed, limits=sanity)  # fmt: skip
+    return stored
+
+
 def _image(
-    ds: Any, photometric: str, voi: bool, ids: SourceIds, pixels: np.ndarray, counts: dict[str, int] | None
+    ds: Any, photometric: str, voi: bool, ids: SourceIds, pixels: Any, counts: dict[str, int] | None,
+    notes: list[str],
 ) -> DicomImage:
     """The :class:`DicomImage` of a decoded data set (its non-identifying attributes and geometry)."""
     modality = _text(ds.get("Modality")) or "OT"
     n_frames = int(ds.get("NumberOfFrames") or 1)
-    colour = photometric in _COLOR
+    colour = photometric in COLOR
     unit = "RGB" if colour else "display" if voi else "HU" if modality == "CT" else (
         _text(ds.get("RescaleType")) or "stored")
     return DicomImage(
@@ -439,6 +319,7 @@ def _image(
         has_overlay=any((int(t) >> 16) & 0xFF01 == 0x6000 and int(t) & 0xFFFF == 0x3000 for t in ds.keys()),
         channels=3 if colour else 1,
         deid_counts=counts,
+        notes=tuple(notes),
         **_geometry(ds, n_frames),
     )
 

@@ -20,6 +20,7 @@ import numpy as np
 from tasks.config import IngestParams
 from tasks.dicom import DicomError, DicomImage  # light: tasks.dicom imports pydicom only when reading/writing
 from tasks.dicom.pseudonym import Pseudonymizer
+from tasks.dicom.sanity import SanityLimits
 from tasks.sources.records import ImageRecord
 
 QuarantineRow = tuple[str, str, str]
@@ -46,8 +47,14 @@ class UnexpectedReadError(RuntimeError):
 
 
 def _read_one(path: Path, *, root: Path, label_key: str | None, color: str, voi: bool, deidentify: Any,
-              write_dir: Path | None) -> DicomImage | DicomError:  # fmt: skip
-    """Worker: read, de-identify and decode one file (and write its de-identified copy to ``write_dir``).
+              write_dir: Path | None, exclude_image_types: tuple[str, ...] = (),
+              sanity: SanityLimits | None = SanityLimits()) -> DicomImage | DicomError:  # fmt: skip  # noqa: B008
+    """Worker: read, de-identify, decode and sanity-check one file (and write its de-identified copy to
+    ``write_dir``).
+
+    Args:
+        exclude_image_types: ImageType values whose images are quarantined (``ingest.exclude_image_types``).
+        sanity: the decode sanity thresholds (``ingest.sanity``), None when switched off.
 
     Returns:
         The image, or the DicomError that quarantines the file (returned, so that pool.map keeps going).
@@ -58,9 +65,13 @@ def _read_one(path: Path, *, root: Path, label_key: str | None, color: str, voi:
     from tasks.dicom import read_instance, write_deidentified
 
     try:
-        image, ds = read_instance(path, label_key, color=color, voi=voi, deidentify=deidentify)
+        image, ds = read_instance(path, label_key, color=color, voi=voi, deidentify=deidentify,
+                                  exclude_image_types=exclude_image_types, sanity=sanity)  # fmt: skip
         if write_dir is not None:
-            write_deidentified(ds, write_dir)
+            try:
+                write_deidentified(ds, write_dir)
+            except RecursionError:  # pydicom writes nested sequences recursively: the file's nesting, not a bug
+                raise DicomError("malformed", "writing the de-identified copy: sequences nested too deeply") from None
         return image
     except DicomError as exc:
         return exc
@@ -76,7 +87,8 @@ def read_all(
     files: list[Path], root: Path, params: IngestParams, pseudo: Pseudonymizer, write_dir: Path | None,
     progress: bool = True,
 ) -> list[DicomImage | DicomError]:  # fmt: skip
-    """Read, de-identify (PS3.15 basic profile) and decode ``files`` with ``params.workers`` processes.
+    """Read, de-identify (PS3.15 basic profile), decode and sanity-check (``params.sanity``; ImageType excluded by
+    ``params.exclude_image_types``) ``files`` with ``params.workers`` processes.
 
     Args:
         files: the files to read, under ``root``.
@@ -93,8 +105,11 @@ def read_all(
 
     from tasks.dicom.profile import deidentify
 
+    limits = params.sanity
     read = partial(_read_one, root=root, label_key=params.label_key, color=params.color, voi=params.voi,
-                   deidentify=partial(deidentify, pseudo=pseudo, opts=params.deid), write_dir=write_dir)
+                   deidentify=partial(deidentify, pseudo=pseudo, opts=params.deid), write_dir=write_dir,
+                   exclude_image_types=tuple(params.exclude_image_types),
+                   sanity=SanityLimits(limits.max_mode_fraction, limits.max_jump_fraction) if limits.enabled else None)
     bar = partial(tqdm, total=len(files), desc="ingest: read", unit="file", disable=not progress)
     workers = params.workers
     if workers <= 1 or len(files) < 2 * workers:
@@ -231,6 +246,7 @@ def collect_dicom(
             study_date=first.study_date, spacing=spacing, modality=first.image.modality,
             unit="uint8" if first.image.channels == 3 else first.image.unit, files=[m.file for m in members],
             label_value=first.image.ids.label_value, channels=first.image.channels, selection=why,
+            notes=sorted({n for m in members for n in m.image.notes}),
         )  # fmt: skip
         frames = len(members) == 1 and first.image.n_frames > 1 and params.multiframe == "split"
         n_before = len(images)

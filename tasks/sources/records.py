@@ -26,4 +26,5 @@ class ImageRecord:
     split: str = ""
     channels: int = 1  # > 1: pixels are channel-first (C, *S)
     selection: str = ""  # why the series was used (tasks.dicom.series.select_series)
+    notes: list[str] = field(default_factory=list)  # what the reader did beyond the standard path (DicomImage.notes)
 
