@@ -16,6 +16,8 @@ What is silenced, and why:
 * **MONAI, "nvImageCodec is not available" / "NvImgCodecPydicomReader ... did not register"**: MONAI probes for
   NVIDIA's GPU DICOM decoder whenever ``LoadImage`` is built, even with ``reader="NumpyReader"``; medpipe decodes
   DICOM with pydicom in tasks/dicom and never uses MONAI's DICOM readers.
+* **MLflow, "Validating input example against model signature"** (INFO, once per registered version): the example
+  is a blank sample medpipe logs so the signature can be checked; a failed check is a WARNING and still shows.
 * **MLflow's artifact download progress bars** (three per promote, each a few thousandths of a second): set off
   with ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`` unless the caller set that variable.
 
@@ -38,6 +40,7 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     ("coremltools", r"Torch version \S+ has not been tested with coremltools"),
     ("coremltools", r"scikit-learn version \S+ is not supported\..*Disabling scikit-learn conversion API"),
     ("monai.data.nvimgcodec_pydicom_plugin", r"nvImageCodec is not available"),
+    ("mlflow.pyfunc", r"^Validating input example against model signature$"),
 )
 # (warning category, message pattern) for warnings.warn
 WARNING_NOISE: tuple[tuple[type[Warning], str], ...] = (

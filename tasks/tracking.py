@@ -338,8 +338,6 @@ def log_and_register_pyfunc(
     Raises:
         ValueError: more than :data:`MAX_VERSION_TAGS` tags (put the rest in ``details``).
     """
-    import logging
-
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
@@ -355,22 +353,15 @@ def log_and_register_pyfunc(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
         outputs=Schema([ColSpec("float", f"prob_{n}") for n in class_names] + [ColSpec("string", "label")]),
     )
-    # MLflow announces at INFO that it checks the input example against the signature (a failure is a WARNING, kept)
-    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
-    level = pyfunc_logger.level
-    pyfunc_logger.setLevel(logging.WARNING)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=PYFUNC_NAME,
-                python_model=str(code_path),
-                artifacts={k: str(v) for k, v in artifacts.items()},
-                signature=signature,
-                input_example=np.zeros((1, *input_shape), np.float32),
-                pip_requirements=pip_requirements,
-            )
-    finally:
-        pyfunc_logger.setLevel(level)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=PYFUNC_NAME,
+            python_model=str(code_path),
+            artifacts={k: str(v) for k, v in artifacts.items()},
+            signature=signature,
+            input_example=np.zeros((1, *input_shape), np.float32),
+            pip_requirements=pip_requirements,
+        )
         # start_run(run_id=...) marks the run FINISHED (or FAILED) on exit; the pipeline decides when it ends
         c.update_run(run_id, status=prior_status)
     tags = {k: str(v) for k, v in tags.items()}
