@@ -49,7 +49,7 @@ _ERRNO = re.compile(r"\[Errno (-?\d+)\]")
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*):")
 # DVC's line when the stage's own command failed (its output above says why) and the stage it names
 _COMMAND_FAILED = re.compile(r"failed to run: .*, exited with (-?\d+)")
-_STAGE_NAMED = re.compile(r"failed to reproduce '(?:[^']*:)?([\w-]+)'")
+_STAGE_NAMED = re.compile(r"failed to reproduce '(?:[^']*:)?([\w@-]+)'")
 MAX_ERROR_LINES = 12
 
 

@@ -34,15 +34,18 @@ from prefect import flow, get_run_logger, task
 from flows.failures import StageFailed, failure_message, retry_if_transient, run_log
 from flows.stream import TerminalBar, stage_env, stream
 
-STAGES = ("synth", "ingest", "preprocess", "train", "evaluate", "export", "promote")
+SHARED_STAGES = ("synth", "ingest")
+TASK_STAGES = ("preprocess", "train", "evaluate", "export", "promote")  # once per task: dvc.yaml's <stage>@<task>
+STAGES = (*SHARED_STAGES, *TASK_STAGES)
 # Retries are for transient errors only (flows.failures.is_transient: I/O, network, a server, a DVC lock held):
 # a stage that rejects its input fails at once. Stages that talk to something outside the repo (a mounted DICOM
 # share, the MLflow server) get more tries.
 RETRIES = {**dict.fromkeys(STAGES, 1), "ingest": 2, "promote": 3}
 RETRY_DELAY_S = 5
-METRICS = "reports/evaluate/metrics.json"
-DETAILS = "reports/evaluate/details.json"  # the metrics' confidence intervals (when evaluate writes them)
-REGISTRY = "models/registry.json"
+# per task (dvc.yaml's paths): the headline metrics, their confidence intervals, what promote registered
+METRICS = "reports/{task}/evaluate/metrics.json"
+DETAILS = "reports/{task}/evaluate/details.json"
+REGISTRY = "models/{task}/registry.json"
 LOG_DIR = "reports/logs"  # the CLI's run logs (git-ignored: /reports/* in .gitignore)
 
 
@@ -82,9 +85,16 @@ def check_params(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return load_params(repo / "params.yaml", overrides).model_dump(mode="json")
 
 
+def stage_names(tasks: list[str]) -> list[str]:
+    """The DVC stages of the pipeline in the order the flow runs them: the shared ones, then each task's chain
+    (``preprocess@classify`` ... ``promote@classify``, then the next task's), so that a task's result comes as soon
+    as its own stages are done."""
+    return [*SHARED_STAGES, *(f"{stage}@{t}" for t in tasks for stage in TASK_STAGES)]
+
+
 @task(name="dvc-status", retries=2, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_if_transient)
-def changed_stages(repo: Path) -> list[str]:
-    """Stages DVC considers changed (code, data, params or missing outputs).
+def changed_stages(repo: Path, names: list[str]) -> list[str]:
+    """Stages of ``names`` DVC considers changed (code, data, params or missing outputs).
 
     Raises:
         StageFailed: ``dvc status`` failed; it carries DVC's error (e.g. an invalid dvc.yaml, with its line).
@@ -93,14 +103,14 @@ def changed_stages(repo: Path) -> list[str]:
     if res.returncode != 0:
         raise StageFailed("dvc status", res.returncode, _dvc_error(res, "status", "--json", cwd=repo))
     status = json.loads(res.stdout or "{}")
-    return [s for s in STAGES if any(k == s or k.endswith(f":{s}") for k in status)]
+    return [s for s in names if any(k == s or k.endswith(f":{s}") for k in status)]
 
 
-def _stage_task(stage: str):
-    @task(name=f"stage-{stage}", retries=RETRIES[stage], retry_delay_seconds=RETRY_DELAY_S,
-          retry_condition_fn=retry_if_transient)  # fmt: skip
-    def run_stage(repo: Path, force: bool = False) -> dict[str, Any]:
-        """``dvc repro --single-item <stage>``, its output relayed live.
+def _stage_task(kind: str):
+    @task(name=f"stage-{kind}", task_run_name="stage-{stage}", retries=RETRIES[kind],
+          retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_if_transient)  # fmt: skip
+    def run_stage(repo: Path, force: bool = False, stage: str = kind) -> dict[str, Any]:
+        """``dvc repro --single-item <stage>`` (``train`` or ``train@segment``), its output relayed live.
 
         Raises:
             StageFailed: naming the stage and the error line(s) it printed; retried only when transient.
@@ -116,7 +126,12 @@ def _stage_task(stage: str):
     return run_stage
 
 
-STAGE_TASKS = {s: _stage_task(s) for s in STAGES}
+STAGE_TASKS = {s: _stage_task(s) for s in STAGES}  # by the stage's kind; a per-task stage passes stage=<stage>@<task>
+
+
+def run_stage(repo: Path, stage: str, force: bool = False) -> dict[str, Any]:
+    """Run DVC stage ``stage`` (``ingest``, ``train@segment``) as its Prefect task."""
+    return STAGE_TASKS[stage.partition("@")[0]](repo, force, stage=stage)
 
 
 def _hydra_value(value: Any) -> str:
@@ -175,15 +190,14 @@ def run_experiment(repo: Path, overrides: dict[str, Any], name: str, force: bool
     logger.info("experiment %s: %s", name, " ".join(args[2:]))
     rc, lines = _relay(args, repo, env)
     if rc != 0:
-        running = [m[1] for line in lines if (m := re.match(r"Running stage '([\w-]+)'", line))]
+        running = [m[1] for line in lines if (m := re.match(r"Running stage '([\w@-]+)'", line))]
         raise StageFailed.from_output(running[-1] if running else "dvc exp run", rc, lines, experiment=name)
     stages = []
     for line in lines:
-        for stage in STAGES:
-            if line.startswith(f"Running stage '{stage}'"):
-                stages.append({"stage": stage, "ran": True})
-            elif line.startswith(f"Stage '{stage}' didn't change"):
-                stages.append({"stage": stage, "ran": False})
+        if m := re.match(r"Running stage '([\w@-]+)'", line):
+            stages.append({"stage": m[1], "ran": True})
+        elif m := re.match(r"Stage '([\w@-]+)' didn't change", line):
+            stages.append({"stage": m[1], "ran": False})
     return {"stages": stages, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -191,15 +205,15 @@ def run_experiment(repo: Path, overrides: dict[str, Any], name: str, force: bool
 def experiment_results(repo: Path, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The metrics and registry entry of experiment ``name``, read from its commit.
 
-    Read from DVC's record of the experiment (the files it committed: ``reports/evaluate/metrics.json`` and
-    ``models/registry.json`` are git-tracked ``cache: false`` outputs) rather than from MLflow: they are the very
-    files a working-tree run returns, ``dvc exp show`` shows the same numbers, and they do not depend on the tracking
-    server being reachable. The params DVC recorded are checked against the overrides, so that a value the ``-S``
-    grammar read differently from the schema-validated one fails here, naming the key.
+    Read from DVC's record of the experiment (the files it committed: ``reports/<task>/evaluate/metrics.json``
+    and ``models/<task>/registry.json`` are git-tracked ``cache: false`` outputs) rather than from MLflow: they are
+    the very files a working-tree run returns, ``dvc exp show`` shows the same numbers, and they do not depend on the
+    tracking server being reachable. The params DVC recorded are checked against the overrides, so that a value the
+    ``-S`` grammar read differently from the schema-validated one fails here, naming the key.
 
     Returns:
-        ``{"rev": str, "params": {...}, "metrics": {...}, "registry": {...}, "details": {...}}`` (details: the
-        metrics' confidence intervals, ``{}`` when the experiment's commit does not hold them).
+        ``{"rev": str, "params": {...}, "tasks": {task: {"metrics": {...}, "registry": {...}, "details": {...}}}}``
+        (details: the metrics' confidence intervals, ``{}`` when the experiment's commit does not hold them).
     """
     res = _dvc("exp", "show", "--json", cwd=repo)
     if res.returncode != 0:
@@ -217,9 +231,12 @@ def experiment_results(repo: Path, name: str, overrides: dict[str, Any]) -> dict
             node = node.get(part) if isinstance(node, dict) else None
         if node != want:
             raise RuntimeError(f"experiment {name}: params.yaml has {dotted}={node!r}, the override was {want!r}")
-    metrics = ((data.get("metrics") or {}).get(METRICS) or {}).get("data") or {}
-    registry, details = (_committed_json(repo, exp["rev"], path) for path in (REGISTRY, DETAILS))
-    return {"rev": exp["rev"], "params": params, "metrics": metrics, "registry": registry, "details": details}
+    tasks = {}
+    for t in params.get("tasks") or {}:
+        metrics = ((data.get("metrics") or {}).get(METRICS.format(task=t)) or {}).get("data") or {}
+        registry, details = (_committed_json(repo, exp["rev"], p.format(task=t)) for p in (REGISTRY, DETAILS))
+        tasks[t] = {"metrics": metrics, "registry": registry, "details": details}
+    return {"rev": exp["rev"], "params": params, "tasks": tasks}
 
 
 def _committed_json(repo: Path, rev: str, path: str) -> dict[str, Any]:
@@ -267,8 +284,9 @@ def pipeline(
         force: rerun every stage even if DVC says nothing changed.
 
     Returns:
-        ``{"stages": [...], "message": str, "metrics": {...}, "details": {...}, "registry": {...},
-        "experiment": str | None}``.
+        ``{"stages": [...], "message": str, "tasks": {task: {"kind": str, "metrics": {...}, "details": {...},
+        "registry": {...}}}, "experiment": str | None}``: each task's headline test metrics, their confidence
+        intervals and what promote registered.
 
     Raises:
         tasks.config.ParamsError: params.yaml with the overrides does not match the schema (nothing has run).
@@ -277,7 +295,9 @@ def pipeline(
     named = {"ingest.input": input_path, "ingest.labels_csv": labels_csv, "train.family": family,
              "train.epochs": epochs, "base.seed": seed}  # fmt: skip
     changes = {**{k: v for k, v in named.items() if v is not None}, **_flat(overrides or {})}
-    check_params(root, changes)
+    checked = check_params(root, changes)
+    kinds = {t: entry["kind"] for t, entry in checked["tasks"].items()}
+    names = stage_names(list(kinds))
     if changes:
         name = name or _experiment_name()
         print(f"overrides {changes}: running them as DVC experiment {name!r}; params.yaml is not modified")
@@ -286,18 +306,19 @@ def pipeline(
         executed = [s["stage"] for s in ran["stages"] if s["ran"]]
         message = f"experiment {name}: stages executed: {', '.join(executed) or 'none'} (see `dvc exp show`)"
         print(message)
-        return {"stages": ran["stages"], "message": message, "metrics": result["metrics"],
-                "details": result["details"], "registry": result["registry"], "experiment": name}  # fmt: skip
-    if not force and not changed_stages(root):
+        tasks = {t: {"kind": kinds[t], **r} for t, r in result["tasks"].items()}
+        return {"stages": ran["stages"], "message": message, "tasks": tasks, "experiment": name}
+    if not force and not changed_stages(root, names):
         message = "Pipeline is up to date: DVC reports no changed stage, so no stage was executed."
         stages: list[dict[str, Any]] = []
     else:
-        stages = [STAGE_TASKS[s](root, force) for s in STAGES]
+        stages = [run_stage(root, s, force) for s in names]
         message = f"stages executed: {', '.join(s['stage'] for s in stages if s['ran']) or 'none'}"
     print(message)
-    return {"stages": stages, "message": message, "metrics": _read_json(root / METRICS),
-            "details": _read_json(root / DETAILS), "registry": _read_json(root / REGISTRY),
-            "experiment": None}  # fmt: skip
+    tasks = {t: {"kind": kind, "metrics": _read_json(root / METRICS.format(task=t)),
+                 "details": _read_json(root / DETAILS.format(task=t)),
+                 "registry": _read_json(root / REGISTRY.format(task=t))} for t, kind in kinds.items()}  # fmt: skip
+    return {"stages": stages, "message": message, "tasks": tasks, "experiment": None}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -314,18 +335,24 @@ def _parse_set(text: str) -> tuple[str, Any]:
     return key.strip(), YAML(typ="safe").load(value)
 
 
-def metric_lines(metrics: dict[str, Any], details: dict[str, Any]) -> list[str]:
+HEADLINE = {
+    "classification": ("accuracy", "precision", "recall", "f1", "auc"),
+    "segmentation": ("dice", "iou", "hd95", "surface_dice", "ap50", "ap30", "sens_at_1fp"),
+}
+
+
+def metric_lines(metrics: dict[str, Any], details: dict[str, Any], kind: str = "classification") -> list[str]:
     """One line per headline test metric, with its confidence interval when evaluate recorded one (details.json's
     ``metrics.<name>.ci_low/ci_high``, or flat ``<name>_ci_low/_ci_high`` keys beside the metric)."""
     cis, level = details.get("metrics") or {}, (details.get("ci") or {}).get("level")
     lines = []
-    for k in ("accuracy", "precision", "recall", "f1", "auc"):
+    for k in HEADLINE[kind]:
         name = f"test_{k}"
         if not isinstance(metrics.get(name), (int, float)):
             continue
         ci = cis.get(name) or {}
         lo, hi = ci.get("ci_low", metrics.get(f"{name}_ci_low")), ci.get("ci_high", metrics.get(f"{name}_ci_high"))
-        line = f"  {k:<10} {metrics[name]:.4f}"
+        line = f"  {k:<12} {metrics[name]:.4f}"
         if lo is not None and hi is not None:
             line += f"  {f'{level:.0%} ' if level else ''}CI [{lo:.4f}, {hi:.4f}]"
         lines.append(line)
@@ -413,11 +440,11 @@ def main(argv: list[str] | None = None) -> None:
         print(failure_message(exc, log), file=sys.stderr)
         raise SystemExit(1)
     result = state.result()
-    reg = result["registry"]
-    if lines := metric_lines(result["metrics"], result.get("details") or {}):
-        print("\nTest metrics:\n" + "\n".join(lines))
-    if reg:
-        print("\n" + "\n".join(registry_lines(reg)))
+    for t, r in result["tasks"].items():
+        if lines := metric_lines(r["metrics"], r.get("details") or {}, r["kind"]):
+            print(f"\n{t} ({r['kind']}): test metrics\n" + "\n".join(lines))
+        if r["registry"]:
+            print("\n".join(registry_lines(r["registry"])))
     if result["experiment"]:
         print(f"\nDVC experiment {result['experiment']}: `dvc exp show`; `dvc exp apply {result['experiment']}` "
               "brings it into the working tree")  # fmt: skip

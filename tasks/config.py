@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -32,8 +32,8 @@ class BaseParams(_Strict):
     dataset: str = "synthetic-ct"
     experiment: str = "medpipe"
     sweep: str | None = None  # a name: each run is nested under one MLflow parent run of that name (seed/model grids)
-    model_name: str = "medpipe-classifier"
-    # index = label value; null: taken from the data (a MedMNIST set's class count, or the label CSV's values)
+    # index = label value of the classification task; null: taken from the data (a MedMNIST set's class count, or
+    # the label CSV's values)
     class_names: list[str] | None = Field(default_factory=lambda: ["normal", "lesion"], min_length=2)
     positive_class: int = Field(1, ge=0)
 
@@ -92,10 +92,27 @@ class SanityParams(_Strict):
     # with a larger share of neighbours more than 1/8 of the BitsStored range apart (real images: <= 0.19)
 
 
+class MaskParams(_Strict):
+    """Masks read with the images (DICOM SEG, RTSTRUCT, NIfTI/NRRD, PNG): which labels they may hold."""
+
+    # foreground label names: mask value v = classes[v - 1], 0 = background; DICOM SEG segment labels and RTSTRUCT
+    # ROI names are matched to them (any case). A segmentation task's classes are ["background", *classes].
+    classes: list[str] = Field(default_factory=lambda: ["lung", "lesion"], min_length=1)
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        lowered = [v.strip().lower() for v in value]
+        if any(not v for v in lowered) or len(set(lowered)) != len(lowered) or "background" in lowered:
+            raise ValueError(f"{value}: give distinct, non-empty foreground names (background is implied)")
+        return value
+
+
 class IngestParams(_Strict):
-    source: Literal["dicom", "medmnist"] = "dicom"
+    source: Literal["dicom", "medmnist", "image_folder"] = "dicom"
     # the data set, one path (so that it is one DVC dependency): a folder of DICOM files (any nesting) holding
-    # the label table too, or an official MedMNIST .npz
+    # the label table too, an official MedMNIST .npz, or an image folder (images/<id>.png|jpg|nii.gz|nrrd, optional
+    # masks/<id>.*, manifest.csv and splits/; tasks/sources/image_folder.py)
     input: str = "data/synthetic/dicom"
     # the label table, a relative path inside `input` (it is then part of the same DVC dependency); null: none
     labels_csv: str | None = "labels.csv"
@@ -105,13 +122,19 @@ class IngestParams(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     deid: DeidParams = DeidParams()
     series: SeriesParams = SeriesParams()
-    color: Literal["reject", "rgb"] = "reject"  # RGB/YBR/PALETTE COLOR: quarantine (grayscale task) or keep as RGB
+    # RGB/YBR/PALETTE COLOR DICOM: quarantine (grayscale task) or keep as RGB; an image folder's colour PNG/JPEG:
+    # converted to grayscale with a note, or kept as RGB
+    color: Literal["reject", "rgb"] = "reject"
     voi: bool = False  # apply the file's VOI LUT / first window after the Modality LUT (display units, not HU)
     multiframe: Literal["stack", "split"] = "stack"  # a multi-frame instance: one volume, or one image per frame
     # ImageType values whose images are quarantined (excluded_image_type); one matching value of a file's ImageType
     # excludes it. Default: scouts. Others: DERIVED, SECONDARY, MPR, PROJECTION IMAGE, ...
     exclude_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
     sanity: SanityParams = SanityParams()
+    masks: MaskParams = MaskParams()
+    # image_folder with splits/train{k}.txt and val{k}.txt: use split k (val{k} = the test split, train{k} is split
+    # into train/val by patient); null: medpipe's own patient split
+    folder_split: int | None = Field(None, ge=1)
     workers: int = Field(2, ge=1)
     # where ingest writes the only mapping from its file pseudonyms (quarantine.csv) back to the real paths, which
     # name patients in real exports: a LOCAL report, git-ignored (/reports/*), no DVC output, never logged; outside
@@ -177,9 +200,26 @@ class SvmParams(_Strict):
     feature_size: int = Field(16, ge=2, le=64)
 
 
+CLASSIFIER_ARCHS = ("resnet10", "resnet18", "resnet34", "densenet121")
+SEGMENTER_ARCHS = ("unet", "basicunet", "segresnet", "dynunet")
+
+
+class SegTrainParams(_Strict):
+    """Segmentation networks and loss (a segmentation task's ``train.seg``)."""
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)  # per resolution level
+    loss: Literal["dicece"] = "dicece"  # MONAI DiceCELoss: soft Dice + cross-entropy
+    dice_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    # sliding-window ROI for validation/inference ((H, W) or (D, H, W)); null: the whole preprocessed image at once
+    roi_size: list[int] | None = Field(None, min_length=2, max_length=3)
+
+
 class TrainParams(_Strict):
     family: Literal["cnn", "rnn", "svm"] = "cnn"
-    arch: Literal["resnet10", "resnet18", "resnet34", "densenet121"] = "resnet18"
+    # classifiers: resnet10 | resnet18 | resnet34 | densenet121; segmenters: unet | basicunet | segresnet | dynunet
+    arch: Literal["resnet10", "resnet18", "resnet34", "densenet121", "unet", "basicunet", "segresnet",
+                  "dynunet"] = "resnet18"  # fmt: skip
     width: float = Field(0.5, gt=0, le=4)  # ResNet widen factor: 0.25 -> 16/32/64/128 channels
     stem_stride: int = Field(1, ge=1, le=4)  # ResNet stem stride: 2 halves every feature map (4x/8x fewer FLOPs)
     epochs: int = Field(30, ge=1)
@@ -194,8 +234,23 @@ class TrainParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0)
     # the validation metric that picks the epoch; loss = cross-entropy (lower is better), steadier on small splits
-    select_metric: Literal["auc", "accuracy", "f1", "loss"] = "auc"
+    select_metric: Literal["auc", "accuracy", "f1", "loss", "dice"] = "auc"  # dice: segmentation (mean foreground)
     svm: SvmParams = SvmParams()
+    seg: SegTrainParams = SegTrainParams()
+
+
+class SegEvaluateParams(_Strict):
+    """Segmentation and lesion-detection evaluation (a segmentation task's ``evaluate.seg``)."""
+
+    hd_percentile: float = Field(95, gt=0, le=100)  # HD95: the 95th percentile Hausdorff distance (mm)
+    surface_tolerance_mm: float = Field(2.0, gt=0)  # surface Dice: boundary within this distance counts
+    detect_class: str | None = "lesion"  # the mask class whose connected components are lesions; null: no detection
+    min_lesion_voxels: int = Field(10, ge=1)  # predicted components smaller than this are dropped
+    score: Literal["max", "mean"] = "max"  # a lesion's score: max or mean probability inside it
+    iou_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.3], min_length=1)
+    fp_rates: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)  # FROC: FPs per image
+    overlays: int = Field(3, ge=0)  # PNG overlays of the best, median and worst cases (0: none)
+    write_dicom_seg: bool = True  # DICOM inputs: the predicted test masks as DICOM SEG referencing their source
 
 
 class EvaluateParams(_Strict):
@@ -204,6 +259,7 @@ class EvaluateParams(_Strict):
     bootstrap: int = Field(1000, ge=0)
     bootstrap_seed: int = Field(0, ge=0)  # the resampling's own seed (not base.seed: training seeds leave it)
     ci: float = Field(0.95, gt=0, lt=1)
+    seg: SegEvaluateParams = SegEvaluateParams()
 
 
 class ExportParams(_Strict):
@@ -221,11 +277,54 @@ class PromoteParams(_Strict):
     greater_is_better: bool = True
 
 
+TASK_GROUPS = ("preprocess", "train", "evaluate", "export", "promote")
+
+
+class TaskParams(_Strict):
+    """One task the pipeline runs: its kind, its registered model, and what it sets differently from the shared
+    stage groups (deep-merged over them by :meth:`Params.for_task`, then validated as those groups)."""
+
+    kind: Literal["classification", "segmentation"]
+    model_name: str = Field(min_length=1)  # MLflow registered model (and the Core ML package's name)
+    description: str | None = None  # the exported model's description (default: the export group's)
+    preprocess: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    evaluate: dict[str, Any] = Field(default_factory=dict)
+    export: dict[str, Any] = Field(default_factory=dict)
+    promote: dict[str, Any] = Field(default_factory=dict)
+
+
+def _default_tasks() -> dict[str, TaskParams]:
+    return {
+        "classify": TaskParams(kind="classification", model_name="medpipe-classifier"),
+        "segment": TaskParams(
+            kind="segmentation", model_name="medpipe-segmenter",
+            description="Lung and lesion segmenter trained by medpipe",
+            preprocess={"spatial_size": [128, 128]},
+            train={"arch": "unet", "epochs": 12, "batch_size": 16, "lr": 0.003, "select_metric": "dice",
+                   "augmentation": {"rotate_deg": 10.0, "intensity_scale": 0.1}},
+            promote={"metric": "val_dice"},
+        ),
+    }  # fmt: skip
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` deep-merged in (mappings merge key by key; anything else replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class Params(_Strict):
     """All of params.yaml. Each stage reads its own group and the few ``base`` keys dvc.yaml lists for it.
 
     The defaults here equal params.yaml's values (tests/test_config.py checks it), so code that builds a group
     without a file (a test, a notebook) gets what the pipeline gets.
+
+    ``tasks`` names the tasks the pipeline runs (dvc.yaml runs preprocess .. promote once per task, ``<stage>@<task>``).
+    A per-task stage loads ``load_params(..., task=NAME)``: the shared groups with that task's overrides merged in,
+    and :attr:`task` set.
     """
 
     base: BaseParams = BaseParams()
@@ -236,6 +335,82 @@ class Params(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     promote: PromoteParams = PromoteParams()
+    tasks: dict[str, TaskParams] = Field(default_factory=_default_tasks, min_length=1)
+
+    _task: tuple[str, TaskParams] | None = PrivateAttr(None)
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: dict[str, TaskParams]) -> dict[str, TaskParams]:
+        bad = [k for k in value if not (k.isascii() and k.replace("_", "").replace("-", "").isalnum())]
+        if bad:
+            raise ValueError(f"task name {bad[0]!r}: use letters, digits, - and _ (it names DVC stages and folders)")
+        names = [t.model_name for t in value.values()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model_name values {names}: each task registers its own model; make them distinct")
+        return value
+
+    @property
+    def task(self) -> TaskParams:
+        """The task this Params was made for by :meth:`for_task` (raises outside a per-task stage)."""
+        if self._task is None:
+            raise AttributeError("Params.task: load the params with task=NAME (a per-task stage's --task)")
+        return self._task[1]
+
+    @property
+    def task_name(self) -> str:
+        return self._task[0] if self._task is not None else ""
+
+    def for_task(self, name: str) -> Params:
+        """These params as task ``name`` sees them: each shared group with the task's overrides merged in.
+
+        Raises:
+            ParamsError: ``name`` is not a task, or a merged group is invalid (naming ``tasks.<name>.<group>.<key>``).
+        """
+        if name not in self.tasks:
+            raise ParamsError(f"tasks.{name}: no such task (params.yaml has tasks {sorted(self.tasks)})")
+        entry = self.tasks[name]
+        groups, errors = {}, []
+        for group in TASK_GROUPS:
+            current = getattr(self, group)
+            over = getattr(entry, group)
+            if not over:
+                groups[group] = current
+                continue
+            try:
+                groups[group] = type(current).model_validate(_merge(current.model_dump(), over))
+            except ValidationError as exc:
+                errors += [_describe({**e, "loc": ("tasks", name, group, *e["loc"])}) for e in exc.errors()]
+        if not errors:
+            errors = _kind_errors(name, entry, groups)
+        if errors:
+            raise ParamsError("invalid params:\n  " + "\n  ".join(errors))
+        if entry.description is not None:
+            groups["export"] = groups["export"].model_copy(update={"description": entry.description})
+        out = self.model_copy(update=groups)
+        out._task = (name, entry)
+        return out
+
+
+def _kind_errors(name: str, entry: TaskParams, groups: dict[str, Any]) -> list[str]:
+    """What a task's merged groups set that its kind cannot use (a classifier arch for a segmenter, ...)."""
+    tp, out = groups["train"], []
+    where = f"tasks.{name}.train"
+    if entry.kind == "segmentation":
+        if tp.family != "cnn" or tp.arch not in SEGMENTER_ARCHS:
+            out.append(f"{where}.arch: a segmentation task needs family cnn and arch one of {list(SEGMENTER_ARCHS)} "
+                       f"(got family {tp.family}, arch {tp.arch})")
+        if tp.select_metric not in ("dice", "loss"):
+            out.append(f"{where}.select_metric: a segmentation task selects on dice or loss (got {tp.select_metric})")
+        if not groups["promote"].metric.startswith("val_dice") and groups["promote"].metric != "val_loss":
+            out.append(f"tasks.{name}.promote.metric: a segmentation task promotes on val_dice (got "
+                       f"{groups['promote'].metric})")
+    else:
+        if tp.family != "svm" and tp.arch not in CLASSIFIER_ARCHS:
+            out.append(f"{where}.arch: a classification task needs one of {list(CLASSIFIER_ARCHS)} (got {tp.arch})")
+        if tp.select_metric == "dice":
+            out.append(f"{where}.select_metric: dice is a segmentation metric; use auc, accuracy, f1 or loss")
+    return out
 
 
 def _union_tag(part: Any) -> bool:
@@ -266,10 +441,16 @@ def validate_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         ParamsError: naming every offending dotted key and the expected form.
     """
     try:
-        return Params.model_validate(raw or {})
+        params = Params.model_validate(raw or {})
     except ValidationError as exc:
         lines = "\n  ".join(_describe(e) for e in exc.errors())
         raise ParamsError(f"{source}: invalid params:\n  {lines}") from None
+    for name in params.tasks:  # each task's merged groups, so a bad override fails before any stage runs
+        try:
+            params.for_task(name)
+        except ParamsError as exc:
+            raise ParamsError(f"{source}: {exc}") from None
+    return params
 
 
 def _yaml(typ: str = "rt"):
@@ -320,11 +501,19 @@ def _read_mapping(path: Path, typ: str = "safe") -> Any:
     return raw
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate params.yaml, applying dotted-key overrides (``{"train.epochs": 1}``)."""
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None,
+                task: str | None = None) -> Params:  # fmt: skip
+    """Load and validate params.yaml, applying dotted-key overrides (``{"train.epochs": 1}``); with ``task``, as
+    that task sees them (:meth:`Params.for_task`)."""
     path = Path(path)
     raw = apply_overrides(_read_mapping(path), overrides)
-    return validate_params(raw, str(path) + (f" with overrides {overrides}" if overrides else ""))
+    params = validate_params(raw, str(path) + (f" with overrides {overrides}" if overrides else ""))
+    if task is not None:
+        try:
+            return params.for_task(task)
+        except ParamsError as exc:
+            raise ParamsError(f"{path}: {exc}") from None
+    return params
 
 
 def write_overrides(path: Path | str, overrides: dict[str, Any]) -> Params:
@@ -357,12 +546,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def load_params_or_exit(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+def load_params_or_exit(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None,
+                        task: str | None = None) -> Params:  # fmt: skip
     """:func:`load_params` for a CLI: on bad params print the message and exit with status 2, before any work."""
     import sys
 
     try:
-        return load_params(path, overrides)
+        return load_params(path, overrides, task)
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None

@@ -6,8 +6,12 @@ Writes to ``<output>/``:
                      ROC-AUC, ``n_test`` and the decision ``threshold`` (one short row per experiment)
 ``details.json``     each metric with its patient-level bootstrap confidence interval (level, resamples, seed), the
                      positive class, the threshold and where it came from, the class names and the confusion matrix
-``predictions.csv``  per image (``dvc plots`` confusion matrix); ``roc.csv`` and ``pr.csv`` (``dvc plots`` curves)
-``roc.png`` ``pr.png`` ``confusion.png``
+``outputs/``         ``predictions.csv`` per image (``dvc plots`` confusion matrix); ``roc.csv`` and ``pr.csv``
+                     (``dvc plots`` curves); ``roc.png`` ``pr.png`` ``confusion.png``
+
+A segmentation task (preprocess meta ``task_kind: segmentation``) is evaluated by :mod:`tasks.evaluate_seg`: per-class
+Dice, IoU, HD95 and surface Dice at the model's resolution and on each image's original grid, lesion detection, the
+per-case table, overlays and (DICOM inputs) the predictions as DICOM SEG.
 
 All are also logged to the model's MLflow run, with the metrics (``test_*``, ``test_*_ci_low``/``_high``) as single
 values; the validation metrics of the selected checkpoint are train's (``selected_val_*``), not logged again here.
@@ -30,6 +34,7 @@ from tasks.metrics import METRIC_NAMES, bootstrap_ci, classification_metrics, pr
 
 METRICS_FILE = "metrics.json"  # the headline, a DVC metrics file: what `dvc metrics show` and `dvc exp show` compare
 DETAILS_FILE = "details.json"  # each metric with its confidence interval, the threshold's source, the confusion matrix
+OUTPUTS = "outputs"  # everything else (a cached DVC output folder): predictions, curves' points, PNGs
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,18 @@ def plot_all(
     return paths
 
 
+def prepare_output(output: Path) -> Path:
+    """Create ``output`` and an empty ``output/outputs`` (a previous run's files there are removed: the folder is one
+    DVC output); returns the latter."""
+    import shutil
+
+    files = output / OUTPUTS
+    if files.exists():
+        shutil.rmtree(files)
+    files.mkdir(parents=True)
+    return files
+
+
 def resolve_threshold(setting: float | str, val: dict, source: Path) -> tuple[float, str]:
     """The decision threshold to apply: ``evaluate.threshold`` as given, or (``val``) the one train chose on the
     validation split (``val_threshold`` in val_metrics.json; multi-class tasks and the SVM have none: 0.5)."""
@@ -153,6 +170,11 @@ def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> Ev
 
     from tasks.models.networks import load_trained, predict_proba, weights_hash
 
+    meta = json.loads((data_dir / "meta.json").read_text())
+    if meta.get("task_kind") == "segmentation":
+        from tasks import evaluate_seg
+
+        return evaluate_seg.run(ep, model_dir, data_dir, output)
     spec, model = load_trained(model_dir)
     x = np.load(data_dir / "test_x.npy")
     y = np.load(data_dir / "test_y.npy")
@@ -173,27 +195,27 @@ def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> Ev
     positive = spec.class_names[pos] if spec.class_names else pos
     metrics, headline, details = summarize(point, cis, int(len(y)), threshold, source, ev, positive,
                                            list(spec.class_names), cm)  # fmt: skip
-    output.mkdir(parents=True, exist_ok=True)
+    files = prepare_output(output)
     (output / METRICS_FILE).write_text(json.dumps(headline, indent=2) + "\n")
     (output / DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
     names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
-    with (output / "predictions.csv").open("w", newline="") as fh:
+    with (files / "predictions.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["image_id", "patient_id", "actual", "predicted", *[f"p_{n}" for n in names]])
         for r, t, p, pr_row in zip(ids, y, pred, proba, strict=False):
             w.writerow([r["image_id"], r["patient_id"], names[t], names[p], *[f"{v:.6f}" for v in pr_row]])
     roc, pr = curves(y, proba, pos)
     for name, rows in (("roc.csv", roc), ("pr.csv", pr)):
-        with (output / name).open("w", newline="") as fh:
+        with (files / name).open("w", newline="") as fh:
             fields = list(rows[0].keys()) if rows else ["x", "y"]
             w = csv.DictWriter(fh, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
-    pngs = plot_all(output, roc, pr, cm, names, metrics)
+    pngs = plot_all(files, roc, pr, cm, names, metrics)
 
     run_id = tracking.run_for_model(weights_hash(model_dir), model_dir)
     tracking.log_metrics(run_id, metrics)  # test_* only: the val_* curves and selected_val_* are train's
-    tracking.log_artifacts(run_id, [output / METRICS_FILE, output / DETAILS_FILE, output / "predictions.csv", *pngs],
+    tracking.log_artifacts(run_id, [output / METRICS_FILE, output / DETAILS_FILE, files / "predictions.csv", *pngs],
                            "evaluate")  # fmt: skip
     return EvaluateResult(metrics=metrics, n_test=len(y))
 
@@ -208,16 +230,23 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Settings (threshold, bootstrap resamples, CI level, seed) are the params file's `evaluate` group.",
     )
     ap.add_argument("--params", default="params.yaml", help="the params file")
-    ap.add_argument("--model", type=Path, default=Path("models/train"),
+    ap.add_argument("--task", default="classify",
+                    help="the task (params.yaml `tasks`): its overrides of the evaluate group")
+    ap.add_argument("--model", type=Path, default=Path("models/classify/train"),
                     help="train's output folder; the weights' hash finds the MLflow run")
-    ap.add_argument("--data", type=Path, default=Path("data/preprocessed"),
+    ap.add_argument("--data", type=Path, default=Path("data/preprocessed/classify"),
                     help="preprocess's output folder: test_x.npy, test_y.npy, test_ids.csv, meta.json")
-    ap.add_argument("--output", type=Path, default=Path("reports/evaluate"),
-                    help="where metrics.json, details.json, predictions, curves and plots go")
+    ap.add_argument("--output", type=Path, default=Path("reports/classify/evaluate"),
+                    help="where metrics.json, details.json and outputs/ (predictions, curves, plots) go")
     args = ap.parse_args(argv)
-    params = load_params_or_exit(args.params)
+    params = load_params_or_exit(args.params, task=args.task)
     res = run(params.evaluate, args.model, args.data, args.output)
     m = res.metrics
+    if "test_dice" in m:
+        from tasks.evaluate_seg import summary_lines
+
+        print("\n".join(summary_lines(m, res.n_test, params.evaluate.ci)))
+        return
     print(f"test metrics (n={res.n_test}, {params.evaluate.ci:.0%} CI by patient bootstrap):")
     for k in ("accuracy", "precision", "recall", "f1", "auc"):
         print(f"  {k:<10} {m[f'test_{k}']:.4f}  [{m[f'test_{k}_ci_low']:.4f}, {m[f'test_{k}_ci_high']:.4f}]")

@@ -53,8 +53,11 @@ from tasks.sources.records import ImageRecord
 MANIFEST_COLUMNS = (
     "image_id", "patient_id", "study_id", "series_uid", "study_date", "label", "split", "path", "sha256",
     "shape", "spacing", "modality", "unit", "n_instances", "channels", "selection", "patient_id_from",
-    "notes",
+    "notes", "mask_path", "mask_labels", "mask_source", "geometry_path",
 )  # fmt: skip
+# mask_path: masks/<image_id>.npy, a uint8 label map of the image's spatial shape (value v = ingest.masks.classes[v-1]);
+# empty when the image has no (usable) mask. mask_labels: the label values it holds (JSON list). geometry_path:
+# geometry/<image_id>.json, what maps a prediction back and writes it as DICOM SEG (pseudonymised UIDs only)
 # notes: what the reader did beyond the standard path, "; "-joined fixed sentences (a gzip-wrapped file unwrapped,
 # an empty LUT item ignored, MONOCHROME2 assumed for an ACR-NEMA file, ...: tasks.dicom.DicomImage.notes)
 # patient_id_from: what the patient pseudonym was made from (tasks.dicom.pseudonym.PATIENT_ID_FROM): "PatientID", or
@@ -80,7 +83,8 @@ class IngestResult:
     summary: dict[str, Any]
 
 
-OUTPUT_NAMES = ("arrays", "dicom", "manifest.csv", "quarantine.csv", "summary.json", "deid_audit.json")
+OUTPUT_NAMES = ("arrays", "masks", "geometry", "dicom", "manifest.csv", "quarantine.csv", "summary.json",
+                "deid_audit.json")
 
 
 def _prepare_output(output: Path) -> None:
@@ -209,7 +213,8 @@ def run(
     if output.resolve() == input_path.resolve() or output.resolve() in input_path.resolve().parents:
         raise ValueError(f"output {output} holds the input {input_path}: ingest replaces its output folder; "
                          "choose another output")  # fmt: skip
-    local_report = Path(ip.local_report) if ip.local_report is not None and ip.source == "dicom" else None
+    local_report = (Path(ip.local_report) if ip.local_report is not None and ip.source in ("dicom", "image_folder")
+                    else None)  # fmt: skip
     if local_report is not None:
         _check_local_report(local_report, output, input_path)
     if labels_csv is None and ip.labels_csv is not None:
@@ -237,6 +242,18 @@ def run(
         n_found, images, quarantine, warnings, audit, paths, patient_id_from = collect_dicom(
             input_path, ip, pseudo, progress, write_dir, skip
         )
+    elif ip.source == "image_folder":  # images/<id>.*, masks/<id>.*, manifest.csv, splits/
+        from tasks.sources.image_folder import collect_folder
+
+        if table is not None:
+            raise ValueError("ingest.labels_csv: an image folder's labels are its manifest.csv; set labels_csv: null")
+        if not input_path.is_dir():
+            raise FileNotFoundError(f"{input_path}: input folder not found (ingest.input or --input)")
+        _prepare_output(output)
+        got = collect_folder(input_path, ip, progress, class_names)
+        n_found, images, quarantine, warnings = got.n_found, got.images, got.quarantine, got.warnings
+        audit, paths, patient_id_from = None, got.paths, got.patient_id_from
+        class_names = class_names or got.class_names  # summary.json: the folder's names (benign/malignant), not 0/1
     else:  # a MedMNIST .npz: already labelled, official splits kept
         from tasks.sources import medmnist
 
@@ -268,11 +285,16 @@ def run(
 
     from tasks.sources.split import check_patient_disjoint, split_by_patient
 
-    if images and not all(im.split for im in images):  # a source with official splits has set them already
-        labels = None if any(im.label is None for im in images) else [im.label for im in images]
+    # a source with official splits has set them already; one with an official test split only (an image folder's
+    # splits/val{k}.txt) leaves the rest for train/val: split by patient, without a test share
+    fixed_test = any(im.split == "test" for im in images) and not any(im.split in ("train", "val") for im in images)
+    todo = [im for im in images if not im.split] if fixed_test else images
+    if todo and not all(im.split for im in todo):
+        labels = None if any(im.label is None for im in todo) else [im.label for im in todo]
         try:
             splits = split_by_patient(
-                [im.patient_id for im in images], labels, ip.val_fraction, ip.test_fraction, split_seed
+                [im.patient_id for im in todo], labels, ip.val_fraction, 0.0 if fixed_test else ip.test_fraction,
+                split_seed,
             )
         except ValueError as exc:
             if labels is not None:
@@ -280,11 +302,11 @@ def run(
             # unlabelled (inference, curation): the manifest is still written, without a split
             warnings.append(f"no train/val/test split: {exc}")
             splits = [""] * len(images)
-        for im, split in zip(images, splits, strict=True):
+        for im, split in zip(todo, splits, strict=True):
             im.split = str(split)
     check_patient_disjoint([im.patient_id for im in images], [im.split for im in images])
 
-    if ip.source != "dicom":
+    if ip.source == "medmnist":
         _prepare_output(output)
     rows = []
     from tqdm import tqdm
@@ -295,12 +317,22 @@ def run(
         # 8-bit sources stay 8-bit (MedMNIST 64^3 is 0.4 GB as uint8, 1.7 GB as float32); HU etc. as float32
         pixels = np.ascontiguousarray(im.pixels, dtype=np.uint8 if im.unit == "uint8" else np.float32)
         np.save(output / rel, pixels)
+        mask_rel = geometry_rel = mask_labels = ""
+        if im.mask is not None:
+            mask_rel = f"masks/{im.image_id}.npy"
+            (output / "masks").mkdir(exist_ok=True)
+            np.save(output / mask_rel, np.ascontiguousarray(im.mask, dtype=np.uint8))
+            mask_labels = json.dumps([int(v) for v in np.unique(im.mask) if v])
+        if im.geometry is not None:
+            geometry_rel = f"geometry/{im.image_id}.json"
+            (output / "geometry").mkdir(exist_ok=True)
+            (output / geometry_rel).write_text(json.dumps(im.geometry, sort_keys=True) + "\n")
         rows.append((
             im.image_id, im.patient_id, im.study_id, im.series_uid, im.study_date,
             "" if im.label is None else im.label, im.split, rel, hashlib.sha256(pixels.tobytes()).hexdigest(),
             json.dumps(list(pixels.shape)), json.dumps(im.spacing and [round(s, 6) for s in im.spacing]),
             im.modality, im.unit, len(im.files), im.channels, im.selection, patient_id_from.get(im.image_id, ""),
-            "; ".join(im.notes),
+            "; ".join(im.notes), mask_rel, mask_labels, im.mask_source if im.mask is not None else "", geometry_rel,
         ))  # fmt: skip
     _write_csv(output / "manifest.csv", MANIFEST_COLUMNS, rows)
     quarantine.sort()
@@ -319,6 +351,8 @@ def run(
         input=recorded_input,
         labels_csv=recorded_labels,
         labels_unmatched=unmatched,
+        mask_classes=list(ip.masks.classes),  # a segmentation task's foreground classes (value v = classes[v-1])
+        images_with_mask=sum(im.mask is not None for im in images),
         images_without_patient_id=sum(patient_id_from.get(im.image_id, "PatientID") != "PatientID" for im in images),
         # what made this output (train logs it with its own params); workers and the local report change nothing
         params={

@@ -132,3 +132,30 @@ def bootstrap_ci(
         out[k] = (float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))) if len(arr) else (
             float("nan"), float("nan"))
     return out
+
+
+def bootstrap_mean_ci(values: np.ndarray, groups: list[str], n: int, ci: float, seed: int) -> tuple[float, float]:
+    """Percentile confidence interval of the mean of per-case values, resampling patients (a patient's cases stay
+    together) with replacement; NaN values (a case where the metric is undefined) are left out of each mean.
+
+    Args:
+        values: (N,) one value per case (e.g. a case's Dice). groups: (N,) patient id of each case (images without
+            patient ids: one group per image). n: resamples (0: NaN bounds). ci: coverage. seed: the resampling's seed.
+
+    Returns:
+        (low, high).
+    """
+    values = np.asarray(values, dtype=float)
+    if n == 0 or not np.any(~np.isnan(values)):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    sums = np.bincount(inverse, weights=np.nan_to_num(values), minlength=n_groups)
+    counts = np.bincount(inverse, weights=(~np.isnan(values)).astype(float), minlength=n_groups)
+    picked = rng.integers(0, n_groups, (n, n_groups))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums[picked].sum(1) / counts[picked].sum(1)
+    means = means[~np.isnan(means)]
+    alpha = (1 - ci) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))

@@ -8,7 +8,17 @@ MONAI dictionary transforms, driven by params: load the array, add a channel axi
 ``<output>/{split}_y.npy``  int64 (N,) class index (-1 where the manifest has no label)
 ``<output>/{split}_ids.csv`` image_id, patient_id, label — row order of the arrays
 ``<output>/meta.json``      spatial_dims, in_channels, num_classes, class_names, spatial_size, intensity, counts,
-                           source_spacing_mm (null unless every image shares it), params
+                           source_spacing_mm (null unless every image shares it), task_kind, params
+
+A segmentation task (``--task`` of kind segmentation) uses the images that have a mask (ingest's ``mask_path``) and
+applies the same spatial transforms to image and mask (area resampling for the image, nearest-neighbour for the
+mask), adding:
+
+``<output>/{split}_m.npy``  uint8 (N, *spatial_size) label maps, 0 = background, v = ingest.masks.classes[v-1]
+``{split}_ids.csv`` columns ``orig_shape`` (the ingested spatial shape) and ``spacing`` (mm): :func:`map_back` returns
+a prediction to the original image grid with MONAI's inverse of the same transforms.
+``<output>/test_masks_original.npz``  each test mask on its own image's grid (key: image_id), for scoring there
+``<output>/test_geometry.json``       ingest's geometry of each test image (writing predictions as DICOM SEG)
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ import numpy as np
 from tasks.config import PreprocessParams
 
 SPLITS = ("train", "val", "test")
+ORIGINAL_MASKS = "test_masks_original.npz"  # segmentation: each test mask on its image's own grid, by image_id
+TEST_GEOMETRY = "test_geometry.json"  # segmentation: ingest's geometry of each test image (DICOM SEG of predictions)
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,71 @@ def build_transforms(intensity: dict[str, Any], spatial_size: list[int] | None, 
     return mt.Compose(chain)
 
 
+def build_seg_transforms(intensity: dict[str, Any], spatial_size: list[int] | None, channels: int = 1):
+    """:func:`build_transforms` for ``{"image": path, "mask": path}`` items: the same spatial transforms on both,
+    area resampling for the image and nearest-neighbour for the label map (whose values are kept exactly)."""
+    from monai import transforms as mt
+
+    keys = ["image", "mask"]
+    chain = [
+        mt.LoadImaged(keys=keys, reader="NumpyReader", image_only=True),
+        mt.EnsureChannelFirstd(keys="image", channel_dim=0 if channels > 1 else "no_channel"),
+        mt.EnsureChannelFirstd(keys="mask", channel_dim="no_channel"),
+        mt.ScaleIntensityRanged(
+            keys="image", a_min=intensity["a_min"], a_max=intensity["a_max"], b_min=0.0, b_max=1.0, clip=True
+        ),
+        *_seg_spatial(spatial_size),
+        mt.EnsureTyped(keys="image", dtype=np.float32, data_type="numpy", track_meta=False),
+        mt.EnsureTyped(keys="mask", dtype=np.uint8, data_type="numpy", track_meta=False),
+    ]
+    return mt.Compose(chain)
+
+
+def _seg_spatial(spatial_size: list[int] | None, keys: tuple[str, ...] = ("image", "mask")) -> list:
+    """The spatial part of :func:`build_seg_transforms` (also what :func:`map_back` inverts, on the mask alone):
+    area resampling for ``image``, nearest-neighbour for ``mask``."""
+    from monai import transforms as mt
+
+    if spatial_size is None:
+        return []
+    modes = tuple("area" if k == "image" else "nearest-exact" for k in keys)
+    return [
+        mt.Resized(keys=list(keys), spatial_size=max(spatial_size), size_mode="longest", mode=modes),
+        mt.ResizeWithPadOrCropd(keys=list(keys), spatial_size=spatial_size, mode="constant"),
+    ]
+
+
+def map_back(label_map: np.ndarray, orig_shape: list[int], spatial_size: list[int] | None) -> np.ndarray:
+    """A label map at the model's resolution, returned to its image's original grid (nearest-neighbour).
+
+    MONAI's own inverse of the preprocess spatial transforms: they are applied to a blank image of the original
+    shape (recording what they did), and that record inverts the prediction (un-pad/crop, then resize back).
+
+    Args:
+        label_map: integer (*spatial_size) prediction.
+        orig_shape: the ingested image's spatial shape (``{split}_ids.csv`` column ``orig_shape``).
+        spatial_size: ``preprocess.spatial_size`` the data was made with (meta.json ``spatial_size`` when resized).
+
+    Returns:
+        uint8 (*orig_shape) label map.
+    """
+    import torch
+    from monai import transforms as mt
+    from monai.data import MetaTensor
+
+    if spatial_size is None or list(label_map.shape) == list(orig_shape) and list(orig_shape) == list(spatial_size):
+        return label_map.astype(np.uint8)
+    spatial = mt.Compose(_seg_spatial(list(spatial_size), keys=("mask",)))
+    done = spatial({"mask": MetaTensor(torch.zeros((1, *orig_shape)))})
+    pred = MetaTensor(torch.as_tensor(label_map[None].astype(np.float32)), meta=done["mask"].meta)
+    pred.applied_operations = done["mask"].applied_operations
+    back = spatial.inverse({"mask": pred})["mask"]
+    out = np.asarray(back[0].detach().cpu().numpy()).round().astype(np.uint8)
+    if list(out.shape) != list(orig_shape):
+        raise RuntimeError(f"map_back: got {out.shape}, expected {orig_shape}")
+    return out
+
+
 def _spatial_size(params: PreprocessParams, sample_ndim: int, source: Path) -> list[int] | None:
     size = params.spatial_size
     if size is not None and len(size) != sample_ndim:
@@ -140,37 +217,68 @@ def common_value(rows: list[dict[str, str]], column: str, default: str, source: 
     return next(iter(values))
 
 
+def mask_class_names(inputs: Path) -> list[str]:
+    """A segmentation task's classes: ``background`` and the mask classes ingest read with (its summary.json)."""
+    path = inputs / "summary.json"
+    names = json.loads(path.read_text()).get("mask_classes") if path.exists() else None
+    if not names:
+        raise ValueError(f"{path}: names no mask classes (ingest.masks.classes); rerun ingest")
+    return ["background", *names]
+
+
 def run(
-    pp: PreprocessParams, inputs: Path, output: Path, class_names: list[str] | None = None, positive_class: int = 1
-) -> PreprocessResult:
+    pp: PreprocessParams, inputs: Path, output: Path, class_names: list[str] | None = None, positive_class: int = 1,
+    kind: str = "classification",
+) -> PreprocessResult:  # fmt: skip
     """Preprocess every manifest row into per-split cached arrays.
 
     Args:
         pp: the ``preprocess`` params group.
-        inputs: the ingest output folder (manifest.csv, arrays/).
+        inputs: the ingest output folder (manifest.csv, arrays/, masks/).
         output: where the cached tensors and meta.json go.
-        class_names: ``base.class_names`` (None: the names ingest derived from the data).
+        class_names: ``base.class_names`` (None: the names ingest derived from the data). Segmentation: unused (the
+            classes are ``background`` + ingest's mask classes).
         positive_class: ``base.positive_class``, recorded in meta.json for train and evaluate.
+        kind: the task's kind (``tasks.<task>.kind``): ``classification`` or ``segmentation`` (images with a mask).
     """
     from tqdm import tqdm
 
     rows = read_manifest(inputs / "manifest.csv")
+    seg = kind == "segmentation"
+    if seg:
+        n_all = len(rows)
+        rows = [r for r in rows if r.get("mask_path")]
+        if not rows:
+            raise ValueError(f"{inputs / 'manifest.csv'}: none of the {n_all} images has a mask (column mask_path); "
+                             "a segmentation task needs masks (DICOM SEG, RTSTRUCT, NIfTI/NRRD or an image folder's "
+                             "masks/); see quarantine.csv for masks that were refused")
     unit = common_value(rows, "unit", "HU", inputs / "manifest.csv")
     channels = int(common_value(rows, "channels", "1", inputs / "manifest.csv"))
     spatial = _spatial_size(pp, spatial_axes(rows, channels, inputs), inputs)
     intensity = intensity_spec(pp, unit)
-    transform = build_transforms(intensity, spatial, channels)
-    class_names = class_names_of(class_names, inputs)
+    transform = build_seg_transforms(intensity, spatial, channels) if seg else build_transforms(intensity, spatial,
+                                                                                                 channels)
+    class_names = mask_class_names(inputs) if seg else class_names_of(class_names, inputs)
+    positive_class = 0 if seg else positive_class
     output.mkdir(parents=True, exist_ok=True)
+    for stale in [*output.glob("*_m.npy"), output / ORIGINAL_MASKS, output / TEST_GEOMETRY]:  # not a seg task's
+        stale.unlink(missing_ok=True)
 
     counts: dict[str, int] = {}
     shape: tuple[int, ...] | None = None
     for split in SPLITS:
         members = [r for r in rows if r["split"] == split]
         counts[split] = len(members)
-        xs = []
+        xs, ms, orig = [], [], []
         for row in tqdm(members, desc=f"preprocess {split}", unit="img", leave=False):
-            x = transform({"image": str(inputs / row["path"])})["image"]
+            item = {"image": str(inputs / row["path"])}
+            if seg:
+                item["mask"] = str(inputs / row["mask_path"])
+            out = transform(item)
+            x = out["image"]
+            if seg:
+                ms.append(out["mask"][0])
+            orig.append(json.loads(row["shape"])[-(len(x.shape) - 1):] if row.get("shape") else list(x.shape[1:]))
             if shape is None:
                 shape = tuple(x.shape)
             elif tuple(x.shape) != shape:
@@ -183,10 +291,20 @@ def run(
         y_arr = np.array([int(r["label"]) if r["label"] not in ("", None) else -1 for r in members], np.int64)
         np.save(output / f"{split}_x.npy", x_arr)
         np.save(output / f"{split}_y.npy", y_arr)
+        if seg:
+            m_arr = np.stack(ms) if ms else np.zeros((0, *(shape or (1, 1, 1))[1:]), np.uint8)
+            np.save(output / f"{split}_m.npy", m_arr.astype(np.uint8))
+        if seg and split == "test":  # evaluate scores on each image's own grid too, and writes DICOM SEG from geometry
+            np.savez_compressed(output / ORIGINAL_MASKS,
+                                **{r["image_id"]: np.load(inputs / r["mask_path"]) for r in members})  # fmt: skip
+            geometry = {r["image_id"]: json.loads((inputs / r["geometry_path"]).read_text())
+                        for r in members if r.get("geometry_path")}  # fmt: skip
+            (output / TEST_GEOMETRY).write_text(json.dumps(geometry, sort_keys=True) + "\n")
         with (output / f"{split}_ids.csv").open("w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["image_id", "patient_id", "label"])
-            w.writerows([r["image_id"], r["patient_id"], r["label"]] for r in members)
+            w.writerow(["image_id", "patient_id", "label", "orig_shape", "spacing"])
+            w.writerows([r["image_id"], r["patient_id"], r["label"], json.dumps(o), r.get("spacing") or "null"]
+                        for r, o in zip(members, orig, strict=True))  # fmt: skip
 
     if counts["train"] == 0 or counts["val"] == 0:
         raise ValueError(f"{inputs / 'manifest.csv'}: the train and val splits must not be empty ({counts})")
@@ -206,8 +324,12 @@ def run(
         "source_spacing_mm": spacing,
         "counts": counts,
         "storage_dtype": "float16",
+        "task_kind": kind,
+        # resized to spatial_size (longest side), then padded/cropped: map_back() returns predictions to each image
+        "resized": spatial is not None,
         # what made these tensors (train logs them to its MLflow run with its own params)
-        "params": {**pp.model_dump(mode="json"), "class_names": class_names, "positive_class": positive_class},
+        "params": {**pp.model_dump(mode="json"), "class_names": class_names, "positive_class": positive_class,
+                   "task_kind": kind},
     }
     (output / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return PreprocessResult(meta=meta, counts=counts)
@@ -222,13 +344,16 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=HelpFormatter)
     ap.add_argument("--params", default="params.yaml",
                     help="the params file; reads its preprocess group and base.class_names / base.positive_class")
+    ap.add_argument("--task", default="classify",
+                    help="the task (params.yaml `tasks`): its kind, and its overrides of the preprocess group")
     ap.add_argument("--input", type=Path, default=Path("data/ingested"),
                     help="ingest's output folder (the manifest and splits)")
-    ap.add_argument("--output", type=Path, default=Path("data/preprocessed"),
+    ap.add_argument("--output", type=Path, default=Path("data/preprocessed/classify"),
                     help="folder for the cached tensors (<split>_x.npy, <split>_y.npy, <split>_ids.csv) and meta.json")
     args = ap.parse_args(argv)
-    params = load_params_or_exit(args.params)
-    result = run(params.preprocess, args.input, args.output, params.base.class_names, params.base.positive_class)
+    params = load_params_or_exit(args.params, task=args.task)
+    result = run(params.preprocess, args.input, args.output, params.base.class_names, params.base.positive_class,
+                 params.task.kind)
     print(
         f"preprocess: {result.meta['spatial_dims']}D tensors {result.meta['input_shape']} "
         f"({result.meta['intensity']['kind']}), counts {result.counts} -> {args.output}"

@@ -117,7 +117,7 @@ def run(pp: PromoteParams, model_dir: Path, export_dir: Path, metrics_path: Path
     Args:
         pp: the ``promote`` params group. model_dir: train's output (val_metrics.json; the model's hash finds its
             MLflow run). export_dir: export's output. metrics_path: evaluate's metrics.json. output: registry.json.
-        model_name: ``base.model_name``, the registered model.
+        model_name: the task's ``model_name`` (``tasks.<task>.model_name``), the registered model.
     """
     from tasks.coreml import pyfunc as coreml_pyfunc
     from tasks.models.networks import weights_hash
@@ -156,6 +156,7 @@ def run(pp: PromoteParams, model_dir: Path, export_dir: Path, metrics_path: Path
     version = tracking.log_and_register_pyfunc(
         run_id, name, Path(coreml_pyfunc.__file__), {k: v for k, v in artifacts.items()}, tags,
         tuple(record["input_shape"]), list(record["class_names"]), coreml_pyfunc.pip_requirements(), details,
+        task_kind=record.get("task_kind", "classification"),
     )
     tracking.set_alias(name, alias, version)
     result = PromoteResult(name, version, alias, run_id, metric, val[metric], champion, champion_value, reason)
@@ -174,22 +175,24 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tasks.promote", description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter,
                                  epilog="Settings (metric, greater_is_better) are the params file's `promote` group; "
-                                        "the registered model's name is base.model_name.")  # fmt: skip
+                                        "the registered model's name is the task's model_name.")  # fmt: skip
     ap.add_argument("--params", default="params.yaml", help="the params file")
-    ap.add_argument("--model", type=Path, default=Path("models/train"),
+    ap.add_argument("--task", default="classify",
+                    help="the task (params.yaml `tasks`): its model_name, and its overrides of the promote group")
+    ap.add_argument("--model", type=Path, default=Path("models/classify/train"),
                     help="train's output folder: val_metrics.json has promote.metric; the weights' hash finds the "
                          "MLflow run")
-    ap.add_argument("--export", type=Path, default=Path("models/export"),
+    ap.add_argument("--export", type=Path, default=Path("models/classify/export"),
                     help="export's output folder: the .mlpackage, model.onnx and export.json that the registered "
                          "pyfunc serves")
-    ap.add_argument("--metrics", type=Path, default=Path("reports/evaluate/metrics.json"),
+    ap.add_argument("--metrics", type=Path, default=Path("reports/classify/evaluate/metrics.json"),
                     help="evaluate's headline test metrics; the version is tagged with the test counterpart of "
                          "promote.metric and the threshold")
-    ap.add_argument("--output", type=Path, default=Path("models/registry.json"),
+    ap.add_argument("--output", type=Path, default=Path("models/classify/registry.json"),
                     help="where the registered version, its alias and the reason are written")
     args = ap.parse_args(argv)
-    params = load_params_or_exit(args.params)
-    res = run(params.promote, args.model, args.export, args.metrics, args.output, params.base.model_name)
+    params = load_params_or_exit(args.params, task=args.task)
+    res = run(params.promote, args.model, args.export, args.metrics, args.output, params.task.model_name)
     print(f"promote: {res.model_name} version {res.version} -> @{res.alias} ({res.reason}); "
           f"load with mlflow.pyfunc.load_model('models:/{res.model_name}@{res.alias}')")
 

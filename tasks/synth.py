@@ -3,6 +3,8 @@
 ``python -m tasks.synth --output data/synthetic`` writes, for the ``synth`` params group::
 
     <output>/dicom/case0001/study1/slice001.dcm ...   CT Image Storage, Explicit VR Little Endian
+    <output>/dicom/case0001/study1/seg.dcm            DICOM SEG of the study's series (highdicom, manual):
+                                                      segment 1 "lung" (both lungs), 2 "lesion" (the nodule)
     <output>/dicom/labels.csv                         AccessionNumber,label  (one row per study, 0/1): inside the
                                                       data folder, as ingest.labels_csv expects (one DVC dependency)
     <output>/synth.json                               params and counts (also marks the folder as ours)
@@ -15,6 +17,10 @@ two lungs (~-850) with small pulmonary vessels, the heart, a vertebra (cortex ~+
 6-16 mm at +40..+80 HU, in a lung (clear unless small enough to pass for a vessel) or in the mediastinal soft
 tissue (subtle: 20-45 HU above its surroundings). The identifying attributes (names, ids, dates, institution)
 are realistic-looking fakes so that de-identification has work to do. Same params, same bytes.
+
+The masks are the painted shapes themselves, thresholded where the soft edge is half way (r <= 1 of each
+ellipse): lung = the two lung ellipses less the heart painted over them, lesion = the nodule's cross-sections
+(positive studies only; lesion wins over lung). Label values follow ``ingest.masks.classes`` = [lung, lesion].
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ GIVEN = {
 INSTITUTIONS = ("SAINT EXAMPLE GENERAL HOSPITAL", "NORTHFIELD UNIVERSITY MEDICAL CENTER", "LAKESIDE CLINIC")
 PHYSICIANS = ("HOUSE^GREGORY", "GREY^MEREDITH", "KILDARE^JAMES", "QUINN^MICHAELA", "WELBY^MARCUS")
 MARKER = "synth.json"
+MASK_CLASSES = ("lung", "lesion")  # label values 1, 2: the default ingest.masks.classes
+SEG_FILE = "seg.dcm"
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,9 @@ class SynthResult:
     labels_csv: Path
     n_patients: int
     n_studies: int
-    n_files: int
+    n_files: int  # CT slices
     n_positive: int
+    n_seg: int = 0  # DICOM SEG files (one per study)
 
 
 class _Canvas:
@@ -132,6 +141,44 @@ def render_study(rng: np.random.Generator, anatomy: dict, size: int, n_slices: i
     img = c.img + rng.normal(0.0, a["noise"], c.img.shape)
     stored = np.clip(np.rint(img), -1024, 3071).astype(np.int16) + np.int16(1024)
     return stored, z + a["table_z"], ps, thick
+
+
+def _inside(coords: np.ndarray, cx: float, cy: float, ax: np.ndarray, ay: np.ndarray) -> np.ndarray:
+    """bool (S, H, W): pixel centres with r <= 1 of the ellipse centred (cx, cy) with per-slice semi-axes (mm)."""
+    present = (ax > 0)[:, None, None]
+    sx, sy = np.where(ax > 0, ax, 1.0)[:, None, None], np.where(ay > 0, ay, 1.0)[:, None, None]
+    x, y = coords[None, None, :], coords[None, :, None]
+    return present & (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2 <= 1.0)
+
+
+def study_mask(anatomy: dict, size: int, n_slices: int, lesion: dict | None) -> np.ndarray:
+    """The label map of what :func:`render_study` paints: 1 lung (both lungs less the heart), 2 lesion.
+
+    Args:
+        anatomy: the patient's shape parameters, as given to :func:`render_study`.
+        size: pixels per side.
+        n_slices: slices in the study.
+        lesion: the study's nodule, or None.
+
+    Returns:
+        uint8 (S, H, W), on the same pixel grid and slices as :func:`render_study`'s image.
+    """
+    a = anatomy
+    coords = (np.arange(size) - (size - 1) / 2) * (a["fov"] / size)
+    z = (np.arange(n_slices) - (n_slices - 1) / 2) * a["thickness"]
+    taper = 1.0 - 0.25 * (z / 120.0) ** 2
+    cx, cy, bx, by = a["cx"], a["cy"], a["bx"], a["by"]
+    lung = np.zeros((n_slices, size, size), bool)
+    for side in (-1, 1):
+        lung |= _inside(coords, cx + side * a["lung_off"], cy - 0.05 * by, a["lung_x"] * taper, a["lung_y"] * taper)
+    heart = np.full(n_slices, a["heart"])
+    lung &= ~_inside(coords, cx + 0.12 * bx, cy - 0.12 * by, heart, 0.85 * heart)  # painted over the lungs
+    out = lung.astype(np.uint8)
+    if lesion is not None:
+        r_slice = np.sqrt(np.clip(lesion["r"] ** 2 - (z - lesion["z"]) ** 2, 0.0, None))
+        r_slice[r_slice < 0.3] = 0.0
+        out[_inside(coords, lesion["x"], lesion["y"], r_slice, r_slice)] = 2
+    return out
 
 
 def _sample_anatomy(rng: np.random.Generator) -> dict:
@@ -224,6 +271,7 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
     from tqdm import tqdm
 
     from tasks.dicom import CtSliceHeader, derive_uid, write_ct_slice
+    from tasks.dicom.seg import write_seg
 
     output = Path(output)
     dicom_dir = output / "dicom"
@@ -245,7 +293,7 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
     labels[: round(params.positive_fraction * n_studies)] = 1
     labels = np.random.default_rng([params.seed, 1]).permutation(labels)
 
-    rows, n_files, s = [], 0, 0
+    rows, n_files, n_seg, s = [], 0, 0, 0
     base = dt.date(2016, 1, 1)
     for i in tqdm(range(params.n_patients), desc="synth", unit="patient", disable=not progress):
         rng = np.random.default_rng([params.seed, 2, i])
@@ -262,6 +310,8 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
             key = ("medpipe-synth", params.seed, i, j)
             study_uid, series_uid = derive_uid(*key, "study"), derive_uid(*key, "series")
             origin = -(params.image_size - 1) / 2 * ps
+            study_dir = dicom_dir / f"case{i + 1:04d}" / f"study{j + 1}"
+            slices = []
             for k in range(params.slices_per_study):
                 header = CtSliceHeader(
                     **person,
@@ -280,10 +330,14 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
                     slice_thickness=thick,
                     image_position=(origin, origin, float(zs[k])),
                 )
-                write_ct_slice(
-                    dicom_dir / f"case{i + 1:04d}" / f"study{j + 1}" / f"slice{k + 1:03d}.dcm", stored[k], header
-                )
+                slices.append(study_dir / f"slice{k + 1:03d}.dcm")
+                write_ct_slice(slices[-1], stored[k], header)
                 n_files += 1
+            mask = study_mask(anatomy, params.image_size, params.slices_per_study, lesion if labels[s] else None)
+            write_seg(slices, mask, MASK_CLASSES, study_dir / SEG_FILE, manual=True, series_number=100,
+                      series_instance_uid=derive_uid(*key, "seg-series"), sop_instance_uid=derive_uid(*key, "seg"),
+                      content_date=date.strftime("%Y%m%d"), content_time=study_time)  # fmt: skip
+            n_seg += 1
             rows.append((accession, int(labels[s])))
             date += dt.timedelta(days=int(rng.integers(90, 720)))
             s += 1
@@ -293,7 +347,7 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["AccessionNumber", "label"])
         writer.writerows(rows)
-    result = SynthResult(dicom_dir, labels_csv, params.n_patients, n_studies, n_files, int(labels.sum()))
+    result = SynthResult(dicom_dir, labels_csv, params.n_patients, n_studies, n_files, int(labels.sum()), n_seg)
     summary = {
         "generator": "tasks.synth",
         "params": params.model_dump(mode="json"),
@@ -301,6 +355,8 @@ def run(params: SynthParams, output: Path, progress: bool = True) -> SynthResult
         "studies": n_studies,
         "files": n_files,
         "positive_studies": result.n_positive,
+        "seg_files": n_seg,
+        "mask_classes": list(MASK_CLASSES),
     }
     (output / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
     return result
@@ -323,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run(params.synth, args.output)
     print(
         f"synth: {res.n_patients} patients, {res.n_studies} studies ({res.n_positive} positive), "
-        f"{res.n_files} files -> {res.dicom_dir}, labels -> {res.labels_csv}"
+        f"{res.n_files} slices + {res.n_seg} SEG masks -> {res.dicom_dir}, labels -> {res.labels_csv}"
     )
 
 

@@ -315,6 +315,7 @@ def log_and_register_pyfunc(
     class_names: list[str],
     pip_requirements: list[str] | None = None,
     details: dict[str, Any] | None = None,
+    task_kind: str = "classification",
 ) -> str:
     """Log a pyfunc "model from code" into run ``run_id`` and register it as a new version of ``model_name``.
 
@@ -327,10 +328,12 @@ def log_and_register_pyfunc(
             reads in the registry list.
         input_shape: (C, *S) of one sample; the signature takes float32 (N, C, *S), and the logged input example
             is one blank sample of that shape (zeros: no patient's pixels in the registry).
-        class_names: the output has one ``prob_<class>`` column per class and a ``label`` column.
+        class_names: a classifier's output has one ``prob_<class>`` column per class and a ``label`` column; a
+            segmenter's is float32 (N, K, *S) probability maps (param ``output: labels``: uint8 (N, *S) label maps).
         pip_requirements: the model's requirements; explicit, so MLflow does not load the model to infer them.
         details: everything else about the version (metrics, export record, ...), written with ``model_name``,
             ``version`` and the tags to :func:`version_details_path` in the run's artifacts.
+        task_kind: ``classification`` or ``segmentation`` (the signature's output).
 
     Returns:
         The new version number, as a string.
@@ -340,7 +343,7 @@ def log_and_register_pyfunc(
     """
     import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     import mlflow
 
@@ -349,10 +352,14 @@ def log_and_register_pyfunc(
                          "(pass the rest as details: they go to the version's JSON artifact)")
     c = client()
     prior_status = c.get_run(run_id).info.status
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
-        outputs=Schema([ColSpec("float", f"prob_{n}") for n in class_names] + [ColSpec("string", "label")]),
-    )
+    if task_kind == "segmentation":  # predict -> float32 (N, K, *S); params output=labels -> uint8 (N, *S)
+        outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, len(class_names), *input_shape[1:]))])
+        params_schema = ParamSchema([ParamSpec("output", "string", "probabilities")])
+    else:
+        outputs = Schema([ColSpec("float", f"prob_{n}") for n in class_names] + [ColSpec("string", "label")])
+        params_schema = None
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+                               outputs=outputs, params=params_schema)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=PYFUNC_NAME,

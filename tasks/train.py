@@ -79,6 +79,9 @@ def load_splits(inputs: Path) -> Splits:
         return torch.from_numpy(np.load(path))
 
     tr_y, va_y = arr("train_y.npy"), arr("val_y.npy")
+    if meta.get("task_kind") == "segmentation":  # the label maps are the targets (uint8 on disk: 8x less memory)
+        return Splits(arr("train_x.npy").float(), tr_y, arr("val_x.npy").float(), va_y, meta,
+                      train_m=arr("train_m.npy"), val_m=arr("val_m.npy"))  # fmt: skip
     for name, y in (("train_y.npy", tr_y), ("val_y.npy", va_y)):
         if (y < 0).any():
             raise ValueError(f"{inputs / name}: unlabelled samples (-1) cannot be used for training")
@@ -87,6 +90,10 @@ def load_splits(inputs: Path) -> Splits:
 
 def model_spec(tp: TrainParams, meta: dict[str, Any]) -> ModelSpec:
     """The network ``tp`` asks for, shaped by the data preprocess described in ``meta`` (its meta.json)."""
+    if meta.get("task_kind") == "segmentation":
+        from tasks.models.segfit import seg_model_spec
+
+        return seg_model_spec(tp, meta)
     return ModelSpec(
         family=tp.family, arch=tp.arch, spatial_dims=meta["spatial_dims"], in_channels=meta["in_channels"],
         num_classes=meta["num_classes"], input_shape=tuple(meta["input_shape"]),
@@ -174,6 +181,7 @@ def run(
         tags = {
             "git_commit": commit, "dvc_data_hash": data_hash, "dataset": info.dataset,
             "model_family": spec.family, "arch": spec.arch, "spatial_dims": str(spec.spatial_dims),
+            "task_kind": meta.get("task_kind", "classification"),
             "params_hash": record["params_hash"], **exp_tags, **tracking.source_tags(ENTRY_POINT, commit),
             # whether tracked code differed from that commit (DVC's own rewrites of dvc.lock are not code)
             "git_code_changed": _describe_changes(provenance.code_changes()),
@@ -200,8 +208,12 @@ def run(
         history, best_epoch, resumed_from = [{"epoch": 1, **best_val}], 1, None
         tracking.log_metrics(rid, best_val, step=1)
     else:
-        job = TorchFit(tp, spec, data, info.seed, positive_class, device, checkpoints,
-                       fingerprint(tp, info.seed, data_hash))  # fmt: skip
+        if spec.is_segmentation:
+            from tasks.models.segfit import SegFit as Fit
+        else:
+            Fit = TorchFit
+        job = Fit(tp, spec, data, info.seed, positive_class, device, checkpoints,
+                  fingerprint(tp, info.seed, data_hash))  # fmt: skip
         ckpt = job.resume()
         rid = ckpt["run_id"] if ckpt is not None and ckpt.get("run_id") else open_run()
         if ckpt is not None:  # the run is named after the experiment that finishes it
@@ -242,19 +254,21 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=HelpFormatter,
                                  epilog="Settings (family, epochs, ...) are the `train` group of the params file.")
     ap.add_argument("--params", default="params.yaml", help="the params file")
-    ap.add_argument("--input", type=Path, default=Path("data/preprocessed"),
+    ap.add_argument("--task", default="classify",
+                    help="the task (params.yaml `tasks`): its overrides of the train group")
+    ap.add_argument("--input", type=Path, default=Path("data/preprocessed/classify"),
                     help="preprocess's output folder: *_x.npy, *_y.npy, meta.json")
-    ap.add_argument("--output", type=Path, default=Path("models/train"),
+    ap.add_argument("--output", type=Path, default=Path("models/classify/train"),
                     help="where the model, model.json, val_metrics.json and provenance.json go")
-    ap.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints"),
+    ap.add_argument("--checkpoints", type=Path, default=Path("models/classify/checkpoints"),
                     help="where last.pt is kept between epochs, to resume a killed run")
-    ap.add_argument("--history", type=Path, default=Path("reports/train/history.csv"),
+    ap.add_argument("--history", type=Path, default=Path("reports/classify/train/history.csv"),
                     help="per-epoch metrics CSV, for `dvc plots`")
     ap.add_argument("--ingest-summary", type=Path, default=Path("data/ingested/summary.json"),
                     help="ingest's summary.json: its params, counts and the data set's source go to MLflow; a missing "
                          "file is skipped")
     args = ap.parse_args(argv)
-    params = load_params_or_exit(args.params)
+    params = load_params_or_exit(args.params, task=args.task)
     res = run(params.train, args.input, args.output, args.checkpoints, args.history, args.ingest_summary,
               RunInfo(experiment=params.base.experiment, dataset=params.base.dataset, sweep=params.base.sweep,
                       seed=params.base.seed))

@@ -23,7 +23,21 @@ TINY = {
     "train.epochs": 1,
     "train.batch_size": 16,
     "evaluate.bootstrap": 50,
+    # the classification task only: the segmentation task has its own tests (TINY_SEGMENT)
+    "tasks": {"classify": {"kind": "classification", "model_name": "medpipe-classifier"}},
 }
+# TINY with both default tasks, the segmenter as small as the classifier
+TINY_SEGMENT = {
+    **TINY,
+    "tasks": {
+        "classify": {"kind": "classification", "model_name": "medpipe-classifier"},
+        "segment": {"kind": "segmentation", "model_name": "medpipe-segmenter",
+                    "preprocess": {"spatial_size": [32, 32]},
+                    "train": {"arch": "unet", "epochs": 2, "select_metric": "dice", "lr": 0.005,
+                              "seg": {"channels": [8, 16, 32]}},
+                    "promote": {"metric": "val_dice"}},
+    },
+}  # fmt: skip
 
 GIT = ["git", "-c", "user.name=medpipe-test", "-c", "user.email=test@medpipe.invalid"]
 

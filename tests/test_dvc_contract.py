@@ -317,11 +317,32 @@ def stages() -> dict[str, Stage]:
     return load_stages(REPO)
 
 
-EXPECTED_STAGES = ("synth", "ingest", "preprocess", "train", "evaluate", "export", "promote")
+def _expected_stages() -> tuple[str, ...]:
+    """synth, ingest, then preprocess .. promote once per task of params.yaml (``<stage>@<task>``)."""
+    from tasks.config import load_params
+
+    tasks = list(load_params(REPO / "params.yaml").tasks)
+    per_task = ("preprocess", "train", "evaluate", "export", "promote")
+    return ("synth", "ingest", *(f"{s}@{t}" for s in per_task for t in tasks))
+
+
+EXPECTED_STAGES = _expected_stages()
 
 
 def test_stages_are_the_pipeline() -> None:
     assert tuple(stages()) == EXPECTED_STAGES, f"dvc.yaml stages {tuple(stages())}, expected {EXPECTED_STAGES}"
+
+
+def test_each_task_has_its_own_outputs() -> None:
+    """No two tasks' stages write the same path, and each per-task out lives under a folder named after its task."""
+    outs: dict[str, str] = {}
+    for name, stage in stages().items():
+        task = name.partition("@")[2]
+        for out in stage.outs:
+            assert out not in outs, f"{out}: written by {outs[out]} and {name}"
+            outs[out] = name
+            if task:
+                assert f"/{task}/" in f"/{out}/", f"stage {name}: out {out} is not under a {task}/ folder"
 
 
 @pytest.mark.parametrize("name", EXPECTED_STAGES)
@@ -363,6 +384,9 @@ def test_params_deps_are_the_keys_main_reads(name: str) -> None:
         if r.key == "":
             problems.append(f"{rel}:{r.line} hands the whole Params to {r.to} (pass the groups / keys it uses)")
             continue
+        if r.key.split(".")[0] in ("task", "task_name"):  # Params.task: the task entry (tasks.<task> in dvc.yaml)
+            read.add("task")
+            continue
         try:
             key = _schema_node(r.key)[1]
         except KeyError as exc:
@@ -373,6 +397,13 @@ def test_params_deps_are_the_keys_main_reads(name: str) -> None:
         else:  # params.model_dump(): every key
             problems.append(f"{rel}:{r.line} reads the whole Params (params.{r.key}; read the groups / keys it uses)")
     declared = list(stage.params)
+    task = name.partition("@")[2]
+    if task:  # a per-task stage reads its task entry through Params.task and the merged groups
+        entry = f"tasks.{task}"
+        if entry not in declared:
+            problems.append(f"a per-task stage must list {entry} (its kind, model name and overrides)")
+        declared = [d for d in declared if d != entry]
+        read = {k for k in read if k != "task"}
     for key in sorted(read):
         if not any(key_covers(d, key) for d in declared):
             problems.append(f"reads {key} but dvc.yaml does not list it (a change to it would not rerun the stage)")

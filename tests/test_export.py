@@ -28,7 +28,7 @@ def tiny_params(**over: object) -> Params:
 
 
 def run_export(p: Params, model_dir: Path, data_dir: Path, output: Path) -> export.ExportResult:
-    return export.run(p.export, model_dir, data_dir, output, p.base.model_name)
+    return export.run(p.export, model_dir, data_dir, output, p.tasks["classify"].model_name)
 
 
 @pytest.fixture()

@@ -140,16 +140,16 @@ def test_experiment_reuses_the_cache_and_shows_in_dvc_exp_show(repo: Path, exper
     result = experiment["result"]
     # base.seed and train.epochs change train and what follows it; the data stages come from the DVC cache
     assert [(s["stage"], s["ran"]) for s in result["stages"]] == [
-        ("synth", False), ("ingest", False), ("preprocess", False),
-        ("train", True), ("evaluate", True), ("export", True), ("promote", True),
+        ("synth", False), ("ingest", False), ("preprocess@classify", False),
+        ("train@classify", True), ("evaluate@classify", True), ("export@classify", True), ("promote@classify", True),
     ]  # fmt: skip
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     revs = [rev for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]]
     (exp,) = [rev for rev in revs if rev.get("name") == result["experiment"]]
     params = exp["data"]["params"]["params.yaml"]["data"]
     assert params["train"]["epochs"] == 2 and params["base"]["seed"] == 3
-    metrics = exp["data"]["metrics"]["reports/evaluate/metrics.json"]["data"]
-    assert metrics == result["metrics"] and "test_auc" in metrics
+    metrics = exp["data"]["metrics"]["reports/classify/evaluate/metrics.json"]["data"]
+    assert metrics == result["tasks"]["classify"]["metrics"] and "test_auc" in metrics
     workspace = next(b for b in shown if b["rev"] == "workspace")
     assert workspace["data"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
 
@@ -167,9 +167,9 @@ def test_experiment_is_tracked_in_the_repos_mlflow_store(repo: Path, nightly, ex
     (run,) = runs
     assert run.data.params["train.epochs"] == "2" and run.data.params["base.seed"] == "3"
     assert run.info.status == "FINISHED" and "test_auc" in run.data.metrics
-    registry = experiment["result"]["registry"]
+    registry = experiment["result"]["tasks"]["classify"]["registry"]
     assert registry["run_id"] == run.info.run_id
-    assert registry["version"] == str(int(nightly["result"]["registry"]["version"]) + 1)
+    assert registry["version"] == str(int(nightly["result"]["tasks"]["classify"]["registry"]["version"]) + 1)
     assert registry["alias"] == "challenger", "an experiment never takes @champion: what is committed does"
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     assert artifacts.is_relative_to(repo / "mlflow"), f"artifacts went to {artifacts}, outside the repo's store"
@@ -183,7 +183,8 @@ def test_experiment_records_dvcs_data_hash(repo: Path, nightly, experiment, monk
     from tasks import tracking
 
     client = tracking.client()
-    tags = [client.get_run(r["result"]["registry"]["run_id"]).data.tags for r in (nightly, experiment)]
+    tags = [client.get_run(r["result"]["tasks"]["classify"]["registry"]["run_id"]).data.tags
+            for r in (nightly, experiment)]
     assert tags[0]["dvc_data_hash"].endswith(".dir")
     assert tags[1]["dvc_data_hash"] == tags[0]["dvc_data_hash"]
 

@@ -64,11 +64,13 @@ def first_run(repo, harness):
 
 def test_flow_runs_every_stage_and_registers_champion(repo, first_run, monkeypatch):
     assert [s["stage"] for s in first_run["stages"] if s["ran"]] == [
-        "synth", "ingest", "preprocess", "train", "evaluate", "export", "promote"
+        "synth", "ingest", "preprocess@classify", "train@classify", "evaluate@classify", "export@classify",
+        "promote@classify",
     ]
     assert first_run["experiment"] is None  # no overrides: the working tree, not an experiment
-    assert first_run["metrics"] == json.loads((repo / "reports/evaluate/metrics.json").read_text())
-    reg = first_run["registry"]
+    metrics_file = repo / "reports/classify/evaluate/metrics.json"
+    assert first_run["tasks"]["classify"]["metrics"] == json.loads(metrics_file.read_text())
+    reg = first_run["tasks"]["classify"]["registry"]
     assert (reg["version"], reg["alias"], reg["previous_champion"]) == ("1", "champion", None)
 
     monkeypatch.chdir(repo)
@@ -77,12 +79,12 @@ def test_flow_runs_every_stage_and_registers_champion(repo, first_run, monkeypat
     from tasks.models.networks import weights_hash
 
     client = tracking.client()
-    model_hash = weights_hash(repo / "models/train")
-    run_id = tracking.run_for_model(model_hash, repo / "models/train")  # the run is found from the model itself
+    model_hash = weights_hash(repo / "models/classify/train")
+    run_id = tracking.run_for_model(model_hash, repo / "models/classify/train")  # found from the model itself
     assert reg["run_id"] == run_id
     run = client.get_run(run_id)
     assert {"test_auc", "test_accuracy", "val_auc", "train_loss"} <= set(run.data.metrics)
-    assert run.data.metrics["test_auc"] == pytest.approx(first_run["metrics"]["test_auc"])
+    assert run.data.metrics["test_auc"] == pytest.approx(first_run["tasks"]["classify"]["metrics"]["test_auc"])
     assert run.data.params["train.epochs"] == "1" and run.data.params["train.arch"] == "resnet10"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["git_commit"].removesuffix("-dirty") == head
@@ -91,9 +93,10 @@ def test_flow_runs_every_stage_and_registers_champion(repo, first_run, monkeypat
     assert run.data.tags["mlflow.source.name"] == "tasks/train.py"
     assert run.data.tags["mlflow.source.git.commit"] == head
     (inp,) = run.inputs.dataset_inputs
-    assert (inp.dataset.name, inp.dataset.digest) == ("synthetic-ct", _lock_md5(repo, "train", "data/preprocessed"))
+    data_md5 = _lock_md5(repo, "train@classify", "data/preprocessed/classify")
+    assert (inp.dataset.name, inp.dataset.digest) == ("synthetic-ct", data_md5)
     assert json.loads(inp.dataset.source) == {"uri": "data/synthetic/dicom"}
-    params_hash = json.loads((repo / "models/train/provenance.json").read_text())["params_hash"]
+    params_hash = json.loads((repo / "models/classify/train/provenance.json").read_text())["params_hash"]
     assert run.info.run_name == f"synthetic-ct-cnn-resnet10-seed42-{params_hash[:8]}"
     version = client.get_model_version_by_alias(reg["model_name"], "champion")
     assert str(version.version) == reg["version"] and version.run_id == run_id
@@ -104,13 +107,13 @@ def test_flow_runs_every_stage_and_registers_champion(repo, first_run, monkeypat
 
     from tasks.coreml.convert import inspect_package
 
-    pkg = next((repo / "models/export").glob("*.mlpackage"))
+    pkg = next((repo / "models/classify/export").glob("*.mlpackage"))
     meta = dict(ct.utils.load_spec(str(pkg)).description.metadata.userDefined)
-    provenance = json.loads((repo / "models/train/provenance.json").read_text())
+    provenance = json.loads((repo / "models/classify/train/provenance.json").read_text())
     assert meta["model_sha256"] == model_hash
     assert meta["params_hash"] == provenance["params_hash"]
     # under DVC the data hash is DVC's own md5 of the preprocessed data, as dvc.lock records it
-    assert meta["dvc_data_hash"] == provenance["data_hash"] == _lock_md5(repo, "train", "data/preprocessed")
+    assert meta["dvc_data_hash"] == provenance["data_hash"] == data_md5
     assert not {"mlflow_run_id", "git_commit"} & set(meta), "the package must hold no run id or commit"
     assert inspect_package(pkg)["class_labels"] == ["normal", "lesion"]
 
@@ -121,9 +124,9 @@ def test_metrics_agree_with_the_predictions(repo, first_run):
     import pandas as pd
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-    m = first_run["metrics"]
-    details = json.loads((repo / "reports/evaluate/details.json").read_text())
-    pred = pd.read_csv(repo / "reports/evaluate/predictions.csv")
+    m = first_run["tasks"]["classify"]["metrics"]
+    details = json.loads((repo / "reports/classify/evaluate/details.json").read_text())
+    pred = pd.read_csv(repo / "reports/classify/evaluate/outputs/predictions.csv")
     manifest = pd.read_csv(repo / "data/ingested/manifest.csv")
     assert m["n_test"] == len(pred) == int((manifest["split"] == "test").sum()) > 0
     assert set(pred["patient_id"]) <= set(manifest.loc[manifest["split"] == "test", "patient_id"])
@@ -138,8 +141,9 @@ def test_metrics_agree_with_the_predictions(repo, first_run):
     for k in ("accuracy", "precision", "recall", "f1", "auc"):
         ci = details["metrics"][f"test_{k}"]
         assert ci["value"] == m[f"test_{k}"] and ci["ci_low"] <= ci["ci_high"]
-    val = json.loads((repo / "models/train/val_metrics.json").read_text())
-    assert val["val_auc"] == pytest.approx(first_run["registry"]["value"])  # promote decided on validation AUC
+    val = json.loads((repo / "models/classify/train/val_metrics.json").read_text())
+    # promote decided on validation AUC
+    assert val["val_auc"] == pytest.approx(first_run["tasks"]["classify"]["registry"]["value"])
 
 
 HEADLINE = {"test_accuracy", "test_precision", "test_recall", "test_f1", "test_auc", "n_test", "threshold"}
@@ -154,18 +158,18 @@ def test_dvc_compares_metrics_and_params(repo, first_run):
     diff` and `dvc params diff` against the commit work."""
     shown = dvc(repo, "metrics", "show").stdout
     rows = [line for line in shown.splitlines() if line.strip()]
-    assert [r.split()[0] for r in rows[1:]] == ["reports/evaluate/metrics.json"], shown
+    assert [r.split()[0] for r in rows[1:]] == ["reports/classify/evaluate/metrics.json"], shown
     assert sorted(rows[0].split()[1:]) == sorted(HEADLINE), shown
     assert max(map(len, rows)) <= 140, f"`dvc metrics show` is {max(map(len, rows))} characters wide:\n{shown}"
 
     workspace = next(b for b in _exp_show(repo) if b["rev"] == "workspace")
     metrics = workspace["data"]["metrics"]
-    assert list(metrics) == ["reports/evaluate/metrics.json"]
-    assert metrics["reports/evaluate/metrics.json"]["data"] == first_run["metrics"]
-    assert set(first_run["metrics"]) == HEADLINE
+    assert list(metrics) == ["reports/classify/evaluate/metrics.json"]
+    assert metrics["reports/classify/evaluate/metrics.json"]["data"] == first_run["tasks"]["classify"]["metrics"]
+    assert set(first_run["tasks"]["classify"]["metrics"]) == HEADLINE
 
     diff = dvc(repo, "metrics", "diff", "HEAD", "--all", "--json")
-    assert set(json.loads(diff.stdout)["reports/evaluate/metrics.json"]) >= HEADLINE - {"n_test", "threshold"}
+    assert set(json.loads(diff.stdout)["reports/classify/evaluate/metrics.json"]) >= HEADLINE - {"n_test", "threshold"}
     params = dvc(repo, "params", "diff", "HEAD", "--all", "--json")
     assert json.loads(params.stdout)["params.yaml"]["train.epochs"]["new"] == 1
 
@@ -191,7 +195,7 @@ def test_second_flow_run_executes_no_stage(repo, first_run):
     result = pipeline(repo=str(repo))
     assert result["stages"] == []
     assert "no stage was executed" in result["message"]
-    assert result["registry"]["version"] == first_run["registry"]["version"]
+    assert result["tasks"]["classify"]["registry"]["version"] == first_run["tasks"]["classify"]["registry"]["version"]
 
 
 def _identifying_values(dicom_dir: Path, pseudo) -> set[str]:
@@ -233,7 +237,7 @@ def test_no_identifying_value_of_the_cohort_reaches_any_output(repo, first_run):
     pseudo = Pseudonymizer.from_params(load_params(repo / "params.yaml").ingest.deid)
     values = _identifying_values(repo / "data/synthetic/dicom", pseudo)
     assert len(values) > 100, "the cohort should carry names, ids, UIDs and dates to look for"
-    outputs = [p for d in ("data/ingested", "data/preprocessed", "models", "reports", "mlflow")
+    outputs = [p for d in ("data/ingested", "data/preprocessed/classify", "models", "reports", "mlflow")
                for p in (repo / d).rglob("*") if p.is_file()]  # fmt: skip
     assert any(p.suffix == ".dcm" for p in outputs) and any(p.suffix == ".db" for p in outputs)
     assert any(p.name == "model.onnx" for p in outputs) and any(".mlpackage" in str(p) for p in outputs)
@@ -256,8 +260,9 @@ def test_an_experiment_shows_its_metrics_and_names_its_run(repo, first_run, monk
     revs = [rev for baseline in _exp_show(repo) for exp in baseline.get("experiments") or [] for rev in exp["revs"]]
     (exp,) = [rev for rev in revs if rev.get("name") == "two-epochs"]
     assert exp["data"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
-    metrics = exp["data"]["metrics"]["reports/evaluate/metrics.json"]["data"]
-    assert set(metrics) == HEADLINE and metrics == json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    metrics = exp["data"]["metrics"]["reports/classify/evaluate/metrics.json"]["data"]
+    metrics_file = repo / "reports/classify/evaluate/metrics.json"
+    assert set(metrics) == HEADLINE and metrics == json.loads(metrics_file.read_text())
 
     monkeypatch.chdir(repo)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -265,7 +270,7 @@ def test_an_experiment_shows_its_metrics_and_names_its_run(repo, first_run, monk
 
     client = tracking.client()
     (run,) = client.search_runs([tracking.experiment_id("medpipe")], "tags.`dvc.exp_name` = 'two-epochs'")
-    first = client.get_run(first_run["registry"]["run_id"])
+    first = client.get_run(first_run["tasks"]["classify"]["registry"]["run_id"])
     assert run.info.run_name.endswith(" (two-epochs)")
     prefix = run.info.run_name.removesuffix(" (two-epochs)")
     assert prefix.startswith("synthetic-ct-cnn-resnet10-seed42-") and prefix != first.info.run_name

@@ -1,4 +1,5 @@
-"""`dvc plots show` draws the pipeline's five plots on a page that needs no network."""
+"""`dvc plots show` draws the pipeline's plots (five of the classifier, three of the segmenter) on a page that needs
+no network."""
 
 from __future__ import annotations
 
@@ -9,15 +10,21 @@ import pytest
 
 from tests._repo import copy_repo, dvc
 
-PLOTS = {"training-loss", "validation-metrics", "roc", "precision-recall", "confusion"}
+PLOTS = {"classify-training-loss", "classify-validation-metrics", "classify-roc", "classify-precision-recall",
+         "classify-confusion", "segment-training-loss", "segment-validation-dice", "segment-test-dice-per-case"}
 
-# the columns the stages write (tasks/train.py history, tasks/evaluate.py curves and predictions), a few rows each
+# the columns the stages write (tasks/train.py history, tasks/evaluate.py curves and predictions, tasks/evaluate_seg.py
+# per-case table), a few rows each
 FILES = {
-    "reports/train/history.csv": "epoch,train_loss,val_accuracy,val_f1,val_auc\n1,0.7,0.5,0.4,0.6\n2,0.5,0.7,0.6,0.8\n",
-    "reports/evaluate/roc.csv": "fpr,tpr,threshold\n0.0,0.0,1.0\n0.2,0.8,0.5\n1.0,1.0,0.0\n",
-    "reports/evaluate/pr.csv": "recall,precision\n1.0,0.5\n0.8,0.9\n0.0,1.0\n",
-    "reports/evaluate/predictions.csv": "image_id,patient_id,actual,predicted\na,p,lesion,lesion\nb,q,normal,lesion\n",
-}
+    "reports/classify/train/history.csv": "epoch,train_loss,val_accuracy,val_f1,val_auc\n1,0.7,0.5,0.4,0.6\n"
+                                          "2,0.5,0.7,0.6,0.8\n",
+    "reports/classify/evaluate/outputs/roc.csv": "fpr,tpr,threshold\n0.0,0.0,1.0\n0.2,0.8,0.5\n1.0,1.0,0.0\n",
+    "reports/classify/evaluate/outputs/pr.csv": "recall,precision\n1.0,0.5\n0.8,0.9\n0.0,1.0\n",
+    "reports/classify/evaluate/outputs/predictions.csv": "image_id,patient_id,actual,predicted\na,p,lesion,lesion\n"
+                                                         "b,q,normal,lesion\n",
+    "reports/segment/train/history.csv": "epoch,train_loss,val_dice,val_loss\n1,0.9,0.4,0.8\n2,0.6,0.7,0.5\n",
+    "reports/segment/evaluate/outputs/per_case.csv": "case,patient_id,dice\nI1,P1,0.81\nI2,P2,0.64\nI3,P2,0.9\n",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def _train_and_promote(wd: Path, tag: str, val_auc: float, seed: int,
         export_dir = wd / "export"
         run_export(p, model_dir, wd / "pre", export_dir)
     return promote.run(p.promote, model_dir, export_dir, wd / "metrics.json", wd / tag / "registry.json",
-                       p.base.model_name)  # fmt: skip
+                       p.tasks["classify"].model_name)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -117,7 +117,7 @@ def test_missing_metric_names_file_and_setting(workdir: Path) -> None:
     p = tiny_params(**{"promote.metric": "val_kappa"})
     with pytest.raises(KeyError, match=r"val_metrics\.json.*promote\.metric"):
         promote.run(p.promote, model_dir, workdir / "export", workdir / "metrics.json", workdir / "registry.json",
-                    p.base.model_name)  # fmt: skip
+                    p.tasks["classify"].model_name)  # fmt: skip
     assert not (workdir / "registry.json").exists()
 
 

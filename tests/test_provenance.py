@@ -11,8 +11,9 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@medpipe.invalid"]
 
 
 def _repo(root: Path) -> Path:
-    for name, text in {"tasks/stage.py": "x = 1\n", "dvc.lock": "schema: '2.0'\n", "params.yaml": "a: 1\n",
-                       "reports/evaluate/metrics.json": "{}\n", "dvc.yaml": "stages: {}\n"}.items():  # fmt: skip
+    files = {"tasks/stage.py": "x = 1\n", "dvc.lock": "schema: '2.0'\n", "params.yaml": "a: 1\n",
+             "reports/classify/evaluate/metrics.json": "{}\n", "dvc.yaml": "stages: {}\n"}
+    for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -26,7 +27,7 @@ def test_files_dvc_rewrites_leave_the_commit_clean(tmp_path: Path) -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     # what a fresh clone's `make run` rewrites: the lock, the committed metrics; params are recorded as params
     (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    (repo / "reports/evaluate/metrics.json").write_text('{"test_auc": 0.9}\n')
+    (repo / "reports/classify/evaluate/metrics.json").write_text('{"test_auc": 0.9}\n')
     (repo / "params.yaml").write_text("a: 2\n")
     assert git_commit(repo) == head
     assert code_changes(repo) == []

@@ -40,13 +40,18 @@ def progress_bar_disabled() -> bool | None:
 
 @dataclass
 class Splits:
-    """Cached tensors of one preprocess output: x float32 (N, C, *S) in [0, 1], y int64 (N,)."""
+    """Cached tensors of one preprocess output: x float32 (N, C, *S) in [0, 1], y int64 (N,).
+
+    A segmentation task adds its label maps ``train_m`` / ``val_m``: int64 (N, *S), 0 = background, v = class v.
+    """
 
     train_x: Any
     train_y: Any
     val_x: Any
     val_y: Any
     meta: dict[str, Any]
+    train_m: Any = None
+    val_m: Any = None
 
 
 @dataclass
@@ -123,17 +128,23 @@ class TorchFit:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
-        n = len(data.train_y)
+        n = len(data.train_x)
         self.steps_per_epoch = sum(1 for i in range(0, n, tp.batch_size) if n - i >= 2)
         self.sched = lr_schedule(self.opt, tp.warmup_epochs * self.steps_per_epoch, tp.epochs * self.steps_per_epoch)
         self.gen = torch.Generator().manual_seed(seed)
-        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing)
+        self.loss_fn = self.make_loss()
         self.ema = None
         if tp.ema > 0:  # a moving average of the weights (and BN statistics): what is validated and kept
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True)
         self.state = FitState()
+
+    def make_loss(self):
+        """The training loss: cross-entropy on (B, K) logits and (B,) class indices."""
+        import torch
+
+        return torch.nn.CrossEntropyLoss(label_smoothing=self.tp.label_smoothing)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def resume(self) -> dict | None:
@@ -173,18 +184,28 @@ class TorchFit:
         }, self.ckpt_path)  # fmt: skip
 
     # -- one epoch ---------------------------------------------------------------------------------------------
+    def batch(self, idx):
+        """The training batch ``idx`` (augmented when ``train.augment``): (inputs, targets), both on the device."""
+        from tasks.models.augment import augment_batch
+
+        xb = self.data.train_x[idx]
+        if self.tp.augment:
+            xb = augment_batch(xb, self.gen, self.tp.augmentation)
+        return xb.to(self.device), self.data.train_y[idx].to(self.device)
+
+    def correct(self, logits, target) -> float:
+        """How many of the batch's samples are right (the train accuracy's numerator)."""
+        return int((logits.argmax(1) == target).sum())
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split; returns train loss, accuracy, seconds and samples."""
         import torch
         from tqdm import tqdm
 
-        from tasks.models.augment import augment_batch
-
         tp, data = self.tp, self.data
         self.model.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        y_train = data.train_y.to(self.device)
-        n, bs = len(data.train_y), tp.batch_size
+        n, bs = len(data.train_x), tp.batch_size
         perm = torch.randperm(n, generator=self.gen)
         bar = tqdm(range(0, n, bs), desc=f"epoch {epoch + 1}/{tp.epochs}", unit="batch", leave=False,
                    disable=progress_bar_disabled())  # fmt: skip
@@ -192,10 +213,7 @@ class TorchFit:
             idx = perm[i : i + bs]
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            xb = data.train_x[idx]
-            if tp.augment:
-                xb = augment_batch(xb, self.gen, tp.augmentation)
-            xb, yb = xb.to(self.device), y_train[idx.to(self.device)]
+            xb, yb = self.batch(idx)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last_3d)
             logits = self.model(xb)
@@ -207,7 +225,7 @@ class TorchFit:
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
             loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
+            correct += self.correct(logits, yb)
             seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
@@ -226,6 +244,10 @@ class TorchFit:
         val["loss"] = log_loss(y, proba)
         return val, proba
 
+    def describe(self, val: dict[str, float]) -> str:
+        """The validation part of the one-line epoch summary."""
+        return f"val_auc {val['auc']:.4f} val_acc {val['accuracy']:.4f}"
+
     def select(self, epoch: int, val: dict[str, float], proba: np.ndarray) -> None:
         """Keep this epoch's weights if its validation ``select_metric`` is the best so far."""
         from tasks.metrics import best_threshold
@@ -233,13 +255,19 @@ class TorchFit:
         score = -val["loss"] if self.tp.select_metric == "loss" else val[self.tp.select_metric]
         if np.isnan(score):
             score = val["accuracy"]
+        if self.keep_if_best(epoch, score, val) and proba.shape[1] == 2:
+            # the accuracy-optimal decision threshold on validation (evaluate.threshold: val)
+            self.state.best_val["val_threshold"] = best_threshold(self.data.val_y.numpy(), proba, self.positive_class)
+
+    def keep_if_best(self, epoch: int, score: float, val: dict[str, float]) -> bool:
+        """Keep the selected weights (EMA if on) and ``val`` if ``score`` (higher = better) beats the best so far."""
         s = self.state
-        if score > s.best_score:
-            s.best_score, s.best_epoch, s.best_val = score, epoch + 1, {f"val_{k}": v for k, v in val.items()}
-            if proba.shape[1] == 2:  # the accuracy-optimal decision threshold on validation (evaluate.threshold: val)
-                s.best_val["val_threshold"] = best_threshold(self.data.val_y.numpy(), proba, self.positive_class)
-            selected = self.model if self.ema is None else self.ema.module
-            s.best_state = copy.deepcopy({k: v.cpu() for k, v in selected.state_dict().items()})
+        if not score > s.best_score:
+            return False
+        s.best_score, s.best_epoch, s.best_val = score, epoch + 1, {f"val_{k}": v for k, v in val.items()}
+        selected = self.model if self.ema is None else self.ema.module
+        s.best_state = copy.deepcopy({k: v.cpu() for k, v in selected.state_dict().items()})
+        return True
 
     # -- the whole job -----------------------------------------------------------------------------------------
     def fit(self, start_epoch: int, on_epoch: Callable[[dict[str, float]], None],
@@ -256,8 +284,8 @@ class TorchFit:
             self.state.history.append(record)
             self.select(epoch, val, proba)
             on_epoch(record)
-            print(f"epoch {epoch + 1}/{self.tp.epochs}: loss {record['train_loss']:.4f} val_auc {val['auc']:.4f} "
-                  f"val_acc {val['accuracy']:.4f} ({record['samples_per_s']:.0f} samples/s)", flush=True)
+            print(f"epoch {epoch + 1}/{self.tp.epochs}: loss {record['train_loss']:.4f} {self.describe(val)} "
+                  f"({record['samples_per_s']:.0f} samples/s)", flush=True)
             self.save(epoch, checkpoint_extra)
         return self.state
 

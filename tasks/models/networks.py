@@ -1,7 +1,9 @@
 """Model factory: one place that turns a :class:`ModelSpec` into a torch module.
 
 The spec is written next to the weights (``model.json``) so that evaluate and export rebuild exactly the network
-train produced. 2D or 3D is a property of the data (``spatial_dims``), not of the code path.
+train produced. 2D or 3D is a property of the data (``spatial_dims``), not of the code path. The task kind follows
+from the architecture: ResNet/DenseNet classify (logits (B, K)), the MONAI segmentation networks (:data:`SEG_ARCHS`)
+segment (logits (B, K, *S), K including background).
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported lazily: --help and dvc bookkeeping should not pay for it
+    import numpy as np
     import torch.nn as nn
+
+SEG_ARCHS = ("unet", "basicunet", "segresnet", "dynunet")  # MONAI segmentation networks (train.arch)
+DEFAULT_SEG_CHANNELS = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -21,15 +27,21 @@ class ModelSpec:
 
     Attributes:
         family: ``cnn`` (MONAI CNN), ``rnn`` (2D CNN per slice + GRU over slices) or ``svm``.
-        arch: MONAI architecture name for the CNN encoder.
+        arch: MONAI architecture name: a classifier (``resnet*``, ``densenet121``) or a segmentation network
+            (:data:`SEG_ARCHS`).
         spatial_dims: 2 for images (C, H, W), 3 for volumes (C, D, H, W).
         in_channels: number of input channels.
-        num_classes: number of output logits.
+        num_classes: number of output logits (segmentation: output channels, background included).
         input_shape: the (C, *spatial) shape the network was trained on.
         class_names: label names, index = class id.
         width: ResNet widen factor (1.0 = MONAI's 64/128/256/512 channels).
         stem_stride: stride of the ResNet's first convolution.
         feature_size: the SVM's pooled size per spatial axis (``train.svm.feature_size``).
+        channels: feature channels per resolution level of a segmentation network (``train.seg.channels``);
+            empty = :data:`DEFAULT_SEG_CHANNELS`. The number of levels sets the downsampling: 2^(levels-1) per axis.
+        task_kind: ``classification`` or ``segmentation``; ``None`` (the default) infers it from ``arch``.
+        roi_size: sliding-window size for inference (``train.seg.roi_size``); ``None``: the whole image in 2D, the
+            trained spatial size in 3D (:func:`predict_seg_proba`).
     """
 
     family: str
@@ -42,6 +54,23 @@ class ModelSpec:
     width: float = 1.0
     stem_stride: int = 1
     feature_size: int = 16
+    channels: tuple[int, ...] = ()
+    task_kind: str | None = None
+    roi_size: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        inferred = "segmentation" if self.arch in SEG_ARCHS else "classification"
+        if self.task_kind is None:
+            object.__setattr__(self, "task_kind", inferred)  # frozen: set once, here
+        elif self.task_kind != inferred:
+            raise ValueError(f"train.arch: {self.arch!r} is a {inferred} network, but the task is {self.task_kind}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.roi_size is not None:
+            object.__setattr__(self, "roi_size", tuple(int(r) for r in self.roi_size))
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.task_kind == "segmentation"
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -53,6 +82,7 @@ class ModelSpec:
         raw = json.loads(path.read_text())
         raw["input_shape"] = tuple(raw["input_shape"])
         raw["class_names"] = tuple(raw.get("class_names", ()))
+        raw["channels"] = tuple(raw.get("channels", ()))  # absent in model.json files written before segmentation
         return cls(**raw)
 
 
@@ -77,6 +107,40 @@ def _monai_cnn(
     if arch == "densenet121":
         return nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes)
     raise ValueError(f"train.arch: unknown architecture {arch!r}")
+
+
+def _monai_segnet(arch: str, spatial_dims: int, in_channels: int, num_classes: int,
+                  channels: tuple[int, ...]) -> nn.Module:
+    """A MONAI segmentation network with ``len(channels)`` resolution levels (stride 2 between levels).
+
+    Spatial sizes must be divisible by 2^(levels-1) (``basicunet``: always 16, it has 4 fixed downsamplings, and
+    its instance norm needs more than one voxel at 1/16 resolution: e.g. 32x32, or 16x32x32).
+    """
+    from monai.networks import nets
+
+    ch = tuple(channels) or DEFAULT_SEG_CHANNELS
+    if len(ch) < 2:
+        raise ValueError(f"train.seg.channels: {list(ch)} needs at least 2 levels")
+    if arch == "unet":
+        # residual units (2 per level), instance norm: MONAI's UNet as in its tutorials
+        return nets.UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, channels=ch,
+                         strides=(2,) * (len(ch) - 1), num_res_units=2)
+    if arch == "basicunet":
+        # BasicUNet has exactly five encoder levels and one last decoder width: extend by doubling, decode at ch[0]
+        enc = (*ch, *(ch[-1] * 2 ** (i + 1) for i in range(max(0, 5 - len(ch)))))[:5]
+        return nets.BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                              features=(*enc, ch[0]))
+    if arch == "segresnet":
+        # SegResNet doubles init_filters per level; group norm with 8 groups needs init_filters % 8 == 0
+        return nets.SegResNet(spatial_dims=spatial_dims, init_filters=ch[0], in_channels=in_channels,
+                              out_channels=num_classes, blocks_down=(1, 2, 2, 4, 4, 4)[: len(ch)],
+                              blocks_up=(1,) * (len(ch) - 1))
+    if arch == "dynunet":
+        strides = [1] + [2] * (len(ch) - 1)
+        return nets.DynUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                            kernel_size=[3] * len(ch), strides=strides, upsample_kernel_size=strides[1:],
+                            filters=list(ch), res_block=True)
+    raise ValueError(f"train.arch: unknown segmentation architecture {arch!r} (expected one of {SEG_ARCHS})")
 
 
 def _slice_rnn(arch: str, in_channels: int, num_classes: int, width: float = 1.0, stem_stride: int = 1) -> nn.Module:
@@ -106,8 +170,13 @@ def _slice_rnn(arch: str, in_channels: int, num_classes: int, width: float = 1.0
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the (untrained) torch module for ``spec``.
 
-    Input: float32 tensor (B, C, H, W) or (B, C, D, H, W), intensities in [0, 1]. Output: logits (B, num_classes).
+    Input: float32 tensor (B, C, H, W) or (B, C, D, H, W), intensities in [0, 1]. Output: logits (B, num_classes)
+    for a classifier, (B, num_classes, *S) for a segmentation network (same spatial size as the input).
     """
+    if spec.is_segmentation:
+        if spec.family != "cnn":
+            raise ValueError(f"train.family: a segmentation network ({spec.arch}) needs family cnn, not {spec.family}")
+        return _monai_segnet(spec.arch, spec.spatial_dims, spec.in_channels, spec.num_classes, spec.channels)
     if spec.family == "cnn":
         return _monai_cnn(
             spec.arch, spec.spatial_dims, spec.in_channels, spec.num_classes, spec.width, spec.stem_stride
@@ -180,3 +249,48 @@ def predict_proba(model: object, spec: ModelSpec, x, batch_size: int = 64):
             # softmax in float64: rows then sum to 1 within scikit-learn's tolerance (log_loss checks it)
             out.append(torch.softmax(model(xb).double(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, spec.num_classes))
+
+
+def predict_seg_proba(model: nn.Module, spec: ModelSpec, x, batch_size: int = 8,
+                      roi_size: tuple[int, ...] | list[int] | None = None) -> np.ndarray:
+    """Per-voxel class probabilities of a segmentation network.
+
+    A 3D volume (or any input when ``roi_size`` or ``spec.roi_size`` is set) goes through MONAI's
+    :func:`monai.inferers.sliding_window_inference` (overlap 0.25, Gaussian blending): windows of ``roi_size``, else
+    ``spec.roi_size``, else the spatial size the network was trained on (``spec.input_shape[1:]``), so a volume
+    larger than the training patches is covered. A 2D image without either goes through the network whole.
+
+    Args:
+        model: a segmentation network from :func:`build_model` / :func:`load_trained`, in eval mode.
+        spec: its spec.
+        x: array or tensor (N, C, *S), values in [0, 1] (float16 or float32).
+        batch_size: images per forward pass (sliding window: windows per forward pass).
+        roi_size: sliding-window size per spatial axis; ``None``: ``spec.roi_size``, then see above.
+
+    Returns:
+        float32 numpy array (N, num_classes, *S), softmax over axis 1.
+    """
+    import numpy as np
+    import torch
+
+    if not spec.is_segmentation:
+        raise ValueError(f"predict_seg_proba: {spec.arch} is not a segmentation network (use predict_proba)")
+    device = next(model.parameters()).device
+    window = roi_size or spec.roi_size or (spec.input_shape[1:] if spec.spatial_dims == 3 else None)
+    window = tuple(window) if window else None
+    out = []
+    with torch.inference_mode():
+        if window is None:
+            for i in range(0, len(x), batch_size):
+                xb = torch.as_tensor(np.asarray(x[i : i + batch_size]), device=device).float()
+                out.append(torch.softmax(model(xb).float(), dim=1).cpu().numpy())
+        else:
+            from monai.inferers import sliding_window_inference
+
+            for i in range(len(x)):  # one volume at a time: its windows are the batch
+                xb = torch.as_tensor(np.asarray(x[i : i + 1]), device=device).float()
+                logits = sliding_window_inference(xb, window, batch_size, model, overlap=0.25, mode="gaussian")
+                out.append(torch.softmax(torch.as_tensor(logits).float(), dim=1).cpu().numpy())
+    if not out:
+        return np.zeros((0, spec.num_classes, *spec.input_shape[1:]), np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)

@@ -5,6 +5,15 @@ Every file is read (``ingest.workers`` processes, :mod:`tasks.dicom`), de-identi
 selected (``ingest.series``). A file that cannot be used becomes a quarantine row (file pseudonym, reason, detail;
 the real paths go to ``ingest.local_report`` only); an error that is not the file's (a bug, the environment) stops
 the run with the file named on stderr (:class:`UnexpectedReadError`).
+
+DICOM SEG and RTSTRUCT files are masks, not images: each is read (:mod:`tasks.dicom.seg`,
+:mod:`tasks.dicom.rtstruct`), its UIDs mapped with the same pseudonymiser as the images', and attached to the
+image of the series it references after its geometry is checked against the image's
+(:func:`tasks.sources.masks.geometry_mismatch`, per frame: size, spacing, orientation, position, frame of reference).
+A mask that does not fit is quarantined (``mask_geometry``), never resampled; an unreadable one is
+``mask_unreadable``, one that references no ingested image ``mask_orphan``. An attached mask file is one of the
+image's ``files``. Every DICOM image gets its ``geometry`` (pseudonymised UIDs, positions, orientation, spacing):
+what a prediction needs to be written back as SEG (:func:`tasks.dicom.seg.write_prediction_seg`).
 """
 
 from __future__ import annotations
@@ -24,6 +33,25 @@ from tasks.dicom.sanity import SanityLimits
 from tasks.sources.records import ImageRecord
 
 QuarantineRow = tuple[str, str, str]
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # tasks.dicom.seg.SEG_STORAGE (kept here: no import of it to look)
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+MASK_SOURCES = {SEG_STORAGE: "SEG", RTSTRUCT_STORAGE: "RTSTRUCT"}
+
+
+class ReadImage(NamedTuple):
+    """A decoded image file and what ingest needs besides :class:`DicomImage`."""
+
+    image: DicomImage
+    frame_of_reference: str  # the de-identified (remapped) FrameOfReferenceUID, "" when absent
+
+
+@dataclass(frozen=True)
+class MaskFile:
+    """A SEG or RTSTRUCT file read in a worker: its content with UIDs already mapped, or why it is unreadable."""
+
+    kind: str  # "SEG" or "RTSTRUCT"
+    data: Any = None  # tasks.dicom.seg.SegMask or tasks.dicom.rtstruct.RtContours; None when unreadable
+    error: str = ""  # why it could not be read (mask_unreadable)
 
 
 @dataclass
@@ -38,6 +66,7 @@ class Instance:
     study_id: str
     series_uid: str
     study_date: str
+    frame_of_reference: str = ""  # pseudonymised FrameOfReferenceUID
 
 
 class UnexpectedReadError(RuntimeError):
@@ -50,6 +79,42 @@ def _read_one(path: Path, *, root: Path, label_key: str | None, color: str, voi:
               write_dir: Path | None, exclude_image_types: tuple[str, ...] = (),
               sanity: SanityLimits | None = SanityLimits()) -> DicomImage | DicomError:  # fmt: skip  # noqa: B008
     """Worker: read, de-identify, decode and sanity-check one file (and write its de-identified copy to
+    ``write_dir``); :func:`_read_image` without the frame of reference."""
+    got = _read_image(path, root=root, label_key=label_key, color=color, voi=voi, deidentify=deidentify,
+                      write_dir=write_dir, exclude_image_types=exclude_image_types, sanity=sanity)  # fmt: skip
+    return got if isinstance(got, DicomError) else got.image
+
+
+def _read_file(path: Path, *, uid_map: Any, **kwargs: Any) -> ReadImage | MaskFile | DicomError:
+    """Worker: :func:`_read_image`, or, for a SEG / RTSTRUCT file (not an image), its mask content with its UIDs
+    mapped by ``uid_map`` (``Pseudonymizer.uid``: the mapping the profile applies to the images)."""
+    got = _read_image(path, **kwargs)
+    if not isinstance(got, DicomError) or got.reason not in ("not_an_image", "no_pixel_data"):
+        return got
+    from tasks.dicom.seg import sop_class_of
+
+    kind = MASK_SOURCES.get(sop_class_of(path))
+    if kind == "SEG":
+        from tasks.dicom.seg import SegError, read_seg
+
+        try:
+            return MaskFile(kind, read_seg(path).with_uids(uid_map))
+        except SegError as exc:
+            return MaskFile(kind, error=str(exc))
+    if kind == "RTSTRUCT":
+        from tasks.dicom.rtstruct import RtStructError, read_contours
+
+        try:
+            return MaskFile(kind, read_contours(path).with_uids(uid_map))
+        except RtStructError as exc:
+            return MaskFile(kind, error=str(exc))
+    return got
+
+
+def _read_image(path: Path, *, root: Path, label_key: str | None, color: str, voi: bool, deidentify: Any,
+                write_dir: Path | None, exclude_image_types: tuple[str, ...] = (),
+                sanity: SanityLimits | None = SanityLimits()) -> ReadImage | DicomError:  # fmt: skip  # noqa: B008
+    """Worker: read, de-identify, decode and sanity-check one file (and write its de-identified copy to
     ``write_dir``).
 
     Args:
@@ -57,12 +122,14 @@ def _read_one(path: Path, *, root: Path, label_key: str | None, color: str, voi:
         sanity: the decode sanity thresholds (``ingest.sanity``), None when switched off.
 
     Returns:
-        The image, or the DicomError that quarantines the file (returned, so that pool.map keeps going).
+        The image and its (de-identified) FrameOfReferenceUID, or the DicomError that quarantines the file
+        (returned, so that pool.map keeps going).
 
     Raises:
         UnexpectedReadError: any other exception, with the file's path relative to ``root``.
     """
     from tasks.dicom import read_instance, write_deidentified
+    from tasks.dicom.seg import frame_of_reference_of
 
     try:
         image, ds = read_instance(path, label_key, color=color, voi=voi, deidentify=deidentify,
@@ -72,7 +139,7 @@ def _read_one(path: Path, *, root: Path, label_key: str | None, color: str, voi:
                 write_deidentified(ds, write_dir)
             except RecursionError:  # pydicom writes nested sequences recursively: the file's nesting, not a bug
                 raise DicomError("malformed", "writing the de-identified copy: sequences nested too deeply") from None
-        return image
+        return ReadImage(image, frame_of_reference_of(ds))
     except DicomError as exc:
         return exc
     except Exception as exc:  # not the file's fault: stop the run, name the file (no values: the cause is chained)
@@ -86,9 +153,10 @@ def _read_one(path: Path, *, root: Path, label_key: str | None, color: str, voi:
 def read_all(
     files: list[Path], root: Path, params: IngestParams, pseudo: Pseudonymizer, write_dir: Path | None,
     progress: bool = True,
-) -> list[DicomImage | DicomError]:  # fmt: skip
+) -> list[ReadImage | MaskFile | DicomError]:  # fmt: skip
     """Read, de-identify (PS3.15 basic profile), decode and sanity-check (``params.sanity``; ImageType excluded by
-    ``params.exclude_image_types``) ``files`` with ``params.workers`` processes.
+    ``params.exclude_image_types``) ``files`` with ``params.workers`` processes; SEG and RTSTRUCT files are read as
+    masks (:class:`MaskFile`, UIDs mapped by ``pseudo``).
 
     Args:
         files: the files to read, under ``root``.
@@ -96,7 +164,7 @@ def read_all(
         write_dir: where de-identified instances are written (``<series uid>/<sop uid>.dcm``), or None.
 
     Returns:
-        DicomImage | DicomError per file, in the order of ``files``.
+        ReadImage | MaskFile | DicomError per file, in the order of ``files``.
 
     Raises:
         UnexpectedReadError: a file's read failed for a reason that is not the file's (the first such file).
@@ -106,7 +174,8 @@ def read_all(
     from tasks.dicom.profile import deidentify
 
     limits = params.sanity
-    read = partial(_read_one, root=root, label_key=params.label_key, color=params.color, voi=params.voi,
+    read = partial(_read_file, uid_map=pseudo.uid, root=root, label_key=params.label_key, color=params.color,
+                   voi=params.voi,
                    deidentify=partial(deidentify, pseudo=pseudo, opts=params.deid), write_dir=write_dir,
                    exclude_image_types=tuple(params.exclude_image_types),
                    sanity=SanityLimits(limits.max_mode_fraction, limits.max_jump_fraction) if limits.enabled else None)
@@ -188,6 +257,8 @@ def collect_dicom(
     series: dict[str, list[Instance]] = defaultdict(list)
     seen_sop: dict[str, str] = {}
     paths: dict[str, str] = {}
+    masks: list[tuple[str, MaskFile]] = []
+    seen_mask: dict[str, str] = {}  # mapped SOPInstanceUID of a mask -> its file
     counts = []
     for path, res in zip(files, results, strict=True):
         rel = path.relative_to(input_dir).as_posix()
@@ -198,6 +269,16 @@ def collect_dicom(
         if isinstance(res, DicomError):
             quarantine.append((file, res.reason, _without_path(res.detail, path, rel, file)))
             continue
+        if isinstance(res, MaskFile):
+            if res.error:
+                quarantine.append((file, "mask_unreadable", f"{res.kind}: {_without_path(res.error, path, rel, file)}"))
+            elif res.data.sop_uid and res.data.sop_uid in seen_mask:
+                quarantine.append((file, "duplicate_instance", f"same SOPInstanceUID as {seen_mask[res.data.sop_uid]}"))
+            else:
+                seen_mask[res.data.sop_uid] = file
+                masks.append((file, res))
+            continue
+        res, frame_of_reference = res
         counts.append(Counter(res.deid_counts or {}))
         ids = res.ids
         if ids.sop_uid and ids.sop_uid in seen_sop:
@@ -215,6 +296,7 @@ def collect_dicom(
             study_id=pseudo.study_id(ids.study_uid),
             series_uid=pseudo.uid(ids.series_uid or ids.sop_uid or rel),  # no series UID: an image of its own
             study_date=pseudo.shift_date(ids.study_date, key),  # a patient without an id: its own shift
+            frame_of_reference=frame_of_reference,
         )
         series[inst.series_uid].append(inst)
 
@@ -256,8 +338,11 @@ def collect_dicom(
                                      pixels=_channel_first(pixels[k], first.image.channels),
                                      spacing=spacing and spacing[-2:]))  # fmt: skip
         else:
-            images.append(record(image_id=image_id, pixels=_channel_first(pixels, first.image.channels)))
+            images.append(record(image_id=image_id, pixels=_channel_first(pixels, first.image.channels),
+                                 geometry=dicom_geometry(members, pseudo)))  # fmt: skip
         patient_id_from.update((im.image_id, first.patient_id_from) for im in images[n_before:])
+    classes = list(getattr(getattr(params, "masks", None), "classes", ["lung", "lesion"]))
+    quarantine += attach_masks(masks, images, classes)
     audit = {
         "profile": f"DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile (table {PROFILE_TABLE})",
         "options": {
@@ -290,3 +375,177 @@ def _unwrite(write_dir: Path | None, pseudo: Pseudonymizer, ids: Any) -> None:
         series = pseudo.uid(ids.series_uid) if ids.series_uid else "no-series"
         (write_dir / series / f"{pseudo.uid(ids.sop_uid)}.dcm").unlink(missing_ok=True)
 
+
+
+def dicom_geometry(members: list[Instance], pseudo: Pseudonymizer) -> dict[str, Any]:
+    """The JSON-able geometry of a stacked series (``ImageRecord.geometry``): pseudonymised UIDs only.
+
+    Slices are in stacked order (:func:`tasks.dicom.series.stack_series`: along the slice normal, else by
+    InstanceNumber), so ``sop_instance_uids[k]`` and ``image_positions[k]`` are slice k of the image.
+
+    Returns:
+        ``kind`` ("dicom"; "dicom-multiframe" for one multi-frame instance, "dicom-no-geometry" for slices without
+        positions, orientation, spacing or SOPInstanceUIDs: no SEG is written or attached for those),
+        ``modality``, ``sop_class_uid``, ``study_instance_uid``, ``series_instance_uid``,
+        ``frame_of_reference_uid``, ``patient_id`` (pseudonyms), ``sop_instance_uids``, ``image_positions`` (mm,
+        or None), ``image_orientation``, ``pixel_spacing`` ((row, column) mm), ``slice_thickness`` (mm), ``rows``,
+        ``columns``, ``number_of_frames``.
+    """
+    from tasks.dicom.series import SeriesError, slice_normal
+
+    ims = [m.image for m in members]
+    order = list(range(len(ims)))
+    if len(ims) > 1 and all(im.image_position and im.image_orientation for im in ims):
+        try:
+            normal = slice_normal(ims[0].image_orientation)
+        except SeriesError:
+            normal = None
+        if normal is not None:
+            along = np.array([im.image_position for im in ims], float) @ normal
+            order = [int(k) for k in np.argsort(along, kind="stable")]  # as tasks.dicom.series._order
+    elif len(ims) > 1 and all(im.instance_number is not None for im in ims):
+        order = [int(k) for k in np.argsort([im.instance_number for im in ims], kind="stable")]
+    first, ordered = ims[0], [ims[k] for k in order]
+    positions = None
+    if first.n_frames > 1:  # frames of one instance, sorted as stack_series sorts them when they have positions
+        if first.frame_positions and first.image_orientation and len(first.frame_positions) == first.n_frames:
+            frames = np.array(first.frame_positions, float)
+            try:
+                along = frames @ slice_normal(first.image_orientation)
+                positions = [frames[k].tolist() for k in np.argsort(along, kind="stable")]
+            except SeriesError:
+                positions = None
+    elif all(im.image_position for im in ordered):
+        positions = [list(im.image_position) for im in ordered]
+    uids = [pseudo.uid(im.ids.sop_uid) if im.ids.sop_uid else "" for im in ordered]
+    # "dicom": a SEG can reference the slices (tasks.dicom.seg.prediction_source_datasets); a multi-frame source
+    # needs frame references, which those minimal sources do not make, and slices without positions cannot be placed
+    kind = "dicom-multiframe" if first.n_frames > 1 else "dicom"
+    if kind == "dicom" and not (positions and first.image_orientation and first.pixel_spacing and all(uids)):
+        kind = "dicom-no-geometry"
+    return {
+        "kind": kind,
+        "modality": first.modality,
+        "sop_class_uid": first.sop_class_uid,
+        "study_instance_uid": pseudo.uid(first.ids.study_uid) if first.ids.study_uid else "",
+        "series_instance_uid": members[0].series_uid,
+        "frame_of_reference_uid": members[0].frame_of_reference,
+        "patient_id": members[0].patient_id,
+        "sop_instance_uids": uids,
+        "image_positions": positions,
+        "image_orientation": list(first.image_orientation) if first.image_orientation else None,
+        "pixel_spacing": list(first.pixel_spacing) if first.pixel_spacing else None,
+        "slice_thickness": first.slice_thickness,
+        "rows": first.rows,
+        "columns": first.columns,
+        "number_of_frames": first.n_frames,
+    }
+
+
+def _slice_geometry(g: dict[str, Any], k: int) -> Any:
+    """:class:`tasks.sources.masks.Geometry` of slice ``k`` of an image's DICOM geometry."""
+    from tasks.sources.masks import Geometry
+
+    positions = g.get("image_positions")
+    return Geometry(
+        (int(g["rows"]), int(g["columns"])), spacing=tuple(g["pixel_spacing"]) if g.get("pixel_spacing") else None,
+        origin=tuple(positions[k]) if positions else None,
+        direction=tuple(g["image_orientation"]) if g.get("image_orientation") else None,
+        frame_of_reference=g.get("frame_of_reference_uid") or None,
+    )  # fmt: skip
+
+
+def _seg_mismatch(seg: Any, g: dict[str, Any]) -> str | None:
+    """What differs between a SEG's frames and the slices they reference (the first frame that differs), or None."""
+    from tasks.sources.masks import Geometry, geometry_mismatch
+
+    index = {uid: k for k, uid in enumerate(g["sop_instance_uids"])}
+    outside = sum(uid not in index for uid in seg.source_sop_uids)
+    if outside:
+        return f"{outside} frame(s) reference instances that are not slices of image series {g['series_instance_uid']}"
+    for n, uid in enumerate(seg.source_sop_uids):
+        k = index[uid]
+        mask = Geometry(
+            seg.shape, spacing=seg.pixel_spacing,
+            origin=tuple(seg.positions[n]) if seg.positions is not None else None,
+            direction=seg.orientation, frame_of_reference=seg.frame_of_reference or None,
+        )  # fmt: skip
+        problem = geometry_mismatch(_slice_geometry(g, k), mask)
+        if problem:
+            return problem if len(index) == 1 else f"frame on slice {k}: {problem}"
+    return None
+
+
+def _spatial(record: ImageRecord, labels: np.ndarray) -> np.ndarray:
+    """A (S, H, W) label map in the record's spatial shape ((H, W) for a 2D image)."""
+    spatial = record.pixels.shape[1:] if record.channels > 1 else record.pixels.shape
+    return labels.reshape(spatial)
+
+
+def attach_masks(masks: list[tuple[str, MaskFile]], images: list[ImageRecord],
+                 classes: list[str]) -> list[QuarantineRow]:  # fmt: skip
+    """Attach each SEG / RTSTRUCT to the image of the series it references, after the geometry check.
+
+    A record gets ``mask`` (uint8, its spatial shape; values checked by :func:`tasks.sources.masks.
+    check_mask_values`, notes prefixed ``mask:``), ``mask_source`` and the mask file among its ``files``.
+
+    Args:
+        masks: (file pseudonym, mask read by a worker, UIDs already mapped) per mask file.
+        images: the stacked images (their ``geometry`` from :func:`dicom_geometry`); changed in place.
+        classes: ``ingest.masks.classes``.
+
+    Returns:
+        Quarantine rows: ``mask_orphan`` (no ingested image of the referenced series or frame of reference),
+        ``mask_geometry`` (it does not fit its image: what differs), ``mask_duplicate`` (the image has a mask
+        already, from the file named).
+    """
+    from tasks.dicom.rtstruct import RtStructError, rasterise, reference_mismatch
+    from tasks.dicom.seg import SegError
+    from tasks.sources.masks import Geometry, check_mask_values, geometry_mismatch
+
+    by_series = {im.series_uid: im for im in images if im.geometry and im.geometry.get("kind") == "dicom"}
+    mask_file: dict[str, str] = {}
+    rows: list[QuarantineRow] = []
+    for file, mask in sorted(masks, key=lambda fm: fm[0]):
+        data = mask.data
+        if mask.kind == "SEG":
+            record = by_series.get(data.series_uid)
+        else:  # RTSTRUCT: its referenced series, else the one image in its frame of reference
+            candidates = [by_series[u] for u in data.series_uids if u in by_series]
+            if not data.series_uids and data.frame_of_reference:
+                candidates = [im for im in by_series.values()
+                              if im.geometry.get("frame_of_reference_uid") == data.frame_of_reference]  # fmt: skip
+            record = candidates[0] if len(candidates) == 1 else None
+        if record is None:
+            refs = data.series_uid if mask.kind == "SEG" else ", ".join(data.series_uids) or "(none)"
+            rows.append((file, "mask_orphan", f"{mask.kind} references series {refs}: no image of it was ingested "
+                                              "(absent, or quarantined)"))  # fmt: skip
+            continue
+        g = record.geometry
+        try:
+            if mask.kind == "SEG":
+                problem = _seg_mismatch(data, g)
+                if problem is None:
+                    labels, notes = data.to_label_map(g["sop_instance_uids"], classes)
+            else:
+                problem = geometry_mismatch(  # the frame of reference: all a structure set's geometry says
+                    Geometry((g["rows"], g["columns"]), frame_of_reference=g.get("frame_of_reference_uid") or None),
+                    Geometry((g["rows"], g["columns"]), frame_of_reference=data.frame_of_reference or None),
+                ) or (reference_mismatch(data, g) if g.get("image_positions") else "the image has no positions")
+                if problem is None:
+                    labels, notes = rasterise(data, g, classes)
+        except (SegError, RtStructError) as exc:
+            problem = str(exc)
+        if problem is not None:
+            rows.append((file, "mask_geometry", f"{mask.kind} for image {record.image_id}: {problem}"))
+            continue
+        if record.image_id in mask_file:
+            rows.append((file, "mask_duplicate", f"image {record.image_id} has a mask already "
+                                                 f"({mask_file[record.image_id]})"))  # fmt: skip
+            continue
+        values, value_notes = check_mask_values(_spatial(record, labels), classes)
+        record.mask, record.mask_source = values, mask.kind
+        record.notes = [*record.notes, *(f"mask: {n}" for n in [*notes, *value_notes])]
+        record.files = [*record.files, file]
+        mask_file[record.image_id] = file
+    return rows

@@ -27,4 +27,10 @@ class ImageRecord:
     channels: int = 1  # > 1: pixels are channel-first (C, *S)
     selection: str = ""  # why the series was used (tasks.dicom.series.select_series)
     notes: list[str] = field(default_factory=list)  # what the reader did beyond the standard path (DicomImage.notes)
+    # uint8 label map with exactly the spatial shape of ``pixels`` (no channel axis): 0 background, v = the mask
+    # class ``ingest.masks.classes[v - 1]``; None: no mask for this image
+    mask: np.ndarray | None = field(default=None, repr=False)
+    mask_source: str = ""  # the mask's format: SEG, RTSTRUCT, NIfTI, NRRD, PNG, ...
+    # JSON-able geometry needed to map a prediction back and to write it as DICOM SEG (pseudonymised UIDs only)
+    geometry: dict | None = field(default=None, repr=False)
 

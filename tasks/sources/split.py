@@ -50,7 +50,8 @@ def split_by_patient(
         patient_ids: (N,) pseudonymous patient id of each image.
         labels: (N,) integer class of each image, or None for unlabelled data (grouping only).
         val_fraction: wanted share of images in val, in (0, 0.5).
-        test_fraction: wanted share of images in test, in (0, 0.5).
+        test_fraction: wanted share of images in test, in [0, 0.5); 0: no test split (a source that fixes its own
+            test split: the rest is split into train and val only).
         seed: seeds the shuffling of patients; the same inputs and seed give the same split.
 
     Returns:
@@ -63,11 +64,12 @@ def split_by_patient(
     y = np.zeros(len(groups), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
     if y.shape != groups.shape:
         raise ValueError(f"{len(groups)} patient ids but {len(y)} labels")
-    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: each in (0, 1), sum < 1")
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: val in (0, 1), test in [0, 1), "
+                         "sum < 1")
 
     out = np.full(len(groups), "train", dtype="<U5")
-    test = _one_fold(y, groups, test_fraction, seed)
+    test = _one_fold(y, groups, test_fraction, seed) if test_fraction > 0 else np.zeros(len(groups), bool)
     out[test] = "test"
     rest = np.flatnonzero(~test)
     val = _one_fold(y[rest], groups[rest], val_fraction / (1.0 - test_fraction), seed + 1)
