@@ -7,9 +7,10 @@ Writes to ``<output>/``:
                   IoU 0.5 and 0.3, lesion sensitivity at 1 false positive per image, ``n_test``
 ``details.json``  per-class figures at the model's resolution and on each image's original grid, each with its
                   patient-level bootstrap confidence interval; detection (AP per IoU, FROC points); conventions
-``outputs/``      ``per_case.csv`` (``dvc plots``: Dice per case), ``overlays/`` PNGs of the best, median and worst
-                  cases, ``dice_per_case.png``, and for DICOM inputs ``dicom_seg/<image_id>.dcm``: each prediction as
-                  DICOM SEG referencing its source instances (pseudonymised UIDs)
+``outputs/``      ``per_case.csv`` (``dvc plots``: Dice per case), ``predictions.npz`` (each predicted label map on
+                  its image's original grid, by image_id), ``overlays/`` PNGs of the best, median and worst cases,
+                  ``dice_per_case.png``, and for DICOM inputs ``dicom_seg/<image_id>.dcm``: each prediction as DICOM
+                  SEG referencing its source instances (pseudonymised UIDs)
 
 Conventions (also in details.json): those of :mod:`tasks.segmetrics` (a class absent from truth and prediction: Dice
 1; HD95 undefined when exactly one side is empty, left out of its mean and counted). Confidence intervals resample
@@ -186,6 +187,8 @@ def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> Ev
         w.writerow(columns)
         for case in per_case:
             w.writerow([case[k] if isinstance(case[k], str) else f"{case[k]:.6f}" for k in columns])
+    # each test prediction on its image's own grid (uint8 label maps, key: image_id)
+    np.savez_compressed(files / "predictions.npz", **pred_orig)
     pngs = [_dice_plot(files / "dice_per_case.png", per_case)]
     if sp.overlays:
         (files / "overlays").mkdir()

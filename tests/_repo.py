@@ -31,10 +31,11 @@ TINY_SEGMENT = {
     **TINY,
     "tasks": {
         "classify": {"kind": "classification", "model_name": "medpipe-classifier"},
+        # 10 epochs of 3 steps reach a validation Dice of ~0.74 (lung ~0.88); no weight averaging over so few steps
         "segment": {"kind": "segmentation", "model_name": "medpipe-segmenter",
                     "preprocess": {"spatial_size": [32, 32]},
-                    "train": {"arch": "unet", "epochs": 2, "select_metric": "dice", "lr": 0.005,
-                              "seg": {"channels": [8, 16, 32]}},
+                    "train": {"arch": "unet", "epochs": 10, "batch_size": 4, "select_metric": "dice", "lr": 0.01,
+                              "ema": 0.0, "seg": {"channels": [8, 16, 32]}},
                     "promote": {"metric": "val_dice"}},
     },
 }  # fmt: skip

@@ -56,7 +56,7 @@ def test_details_json_holds_the_intervals_and_the_confusion_matrix(
     assert details["class_names"] == ["normal", "lesion"]
     cm = details["confusion_matrix"]
     assert (cm["rows"], cm["columns"]) == ("actual", "predicted")
-    pred = pd.read_csv(out / "predictions.csv")
+    pred = pd.read_csv(out / "outputs" / "predictions.csv")
     want = [[int(((pred["actual"] == a) & (pred["predicted"] == b)).sum()) for b in ("normal", "lesion")]
             for a in ("normal", "lesion")]  # fmt: skip
     assert cm["counts"] == want and int(np.sum(cm["counts"])) == details["n_test"] == 24

@@ -273,7 +273,7 @@ def test_3d_families_train_and_evaluate(workdir: Path, family: str) -> None:
     assert res.spec.input_shape == (1, 12, 12, 12)
     ev = evaluate.run(p.evaluate, workdir / "m3", workdir / "pre3d", workdir / "ev3")
     assert ev.n_test == 8 and not math.isnan(ev.metrics["test_auc"])  # both classes in the test split
-    with (workdir / "ev3/predictions.csv").open() as fh:
+    with (workdir / "ev3/outputs/predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["image_id"] for r in rows] == [f"test{i}" for i in range(8)]
     assert all(float(r["p_normal"]) + float(r["p_lesion"]) == pytest.approx(1, abs=2e-6) for r in rows)

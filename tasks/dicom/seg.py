@@ -375,7 +375,8 @@ def read_seg(path_or_dataset: Path | str | Any) -> SegMask:
             raise SegError(f"not a readable DICOM SEG: {type(exc).__name__}: {exc}"[:300]) from None
         try:
             return _seg_mask(seg)
-        except (*parse_errors(), AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        except (*parse_errors(), AttributeError, KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+            # highdicom raises RuntimeError for content it cannot index (inconsistent frames, missing references)
             raise SegError(f"SEG content not usable: {type(exc).__name__}: {exc}"[:300]) from None
 
 
@@ -390,18 +391,22 @@ def frame_of_reference_of(dataset: Any) -> str:
             return ""
 
 
-def sop_class_of(path: Path | str) -> str:
-    """A file's SOPClassUID (header only, no pixel data read); "" when it has none or is not DICOM."""
-    import pydicom
+def load_mask_dataset(path: Path | str) -> tuple[str, Any] | None:
+    """(SOPClassUID, data set) of a SEG or RTSTRUCT file, or None for any other file (or one that is not DICOM).
 
-    from tasks.dicom.errors import parse_errors, quiet_pydicom
+    Read as ingest reads images (:func:`tasks.dicom.load.load_dataset`: gzip-wrapped and preamble-less files too);
+    pass the data set on to :func:`read_seg` or :func:`tasks.dicom.rtstruct.read_contours`.
+    """
+    from tasks.dicom.errors import DicomError, parse_errors, quiet_pydicom
+    from tasks.dicom.load import load_dataset
 
-    with quiet_pydicom():
-        try:
-            return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-                       .get("SOPClassUID", ""))  # fmt: skip
-        except (*parse_errors(), OSError, AttributeError, ValueError, TypeError):
-            return ""
+    try:
+        with quiet_pydicom():
+            ds = load_dataset(Path(path))
+            sop_class = str(ds.get("SOPClassUID", ""))
+    except (DicomError, *parse_errors()):
+        return None
+    return (sop_class, ds) if sop_class in (SEG_STORAGE, RTSTRUCT_STORAGE) else None
 
 
 def _floats(value: Any) -> tuple[float, ...] | None:
@@ -426,8 +431,10 @@ def _seg_mask(seg: Any) -> SegMask:
     if not uids or any(u is None for u in frame_uid):
         raise SegError("frames without references to their source instances (DerivationImageSequence): "
                        "cannot place them on a series")  # fmt: skip
+    # ignore_spatial_locations: whether a frame lies where its source does is checked by the caller, per frame,
+    # against the image's geometry (ingest: tasks.sources.masks.geometry_mismatch), not taken from the SEG's flag
     planes = seg.get_pixels_by_source_instance(uids, segment_numbers=list(numbers), skip_overlap_checks=True,
-                                               dtype=bool)  # fmt: skip
+                                               ignore_spatial_locations=True, dtype=bool)  # fmt: skip
     position_of: dict[str, tuple[float, ...] | None] = {}
     for uid, pos in zip(frame_uid, frame_pos, strict=True):
         position_of.setdefault(uid, pos)

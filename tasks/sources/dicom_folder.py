@@ -33,9 +33,6 @@ from tasks.dicom.sanity import SanityLimits
 from tasks.sources.records import ImageRecord
 
 QuarantineRow = tuple[str, str, str]
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # tasks.dicom.seg.SEG_STORAGE (kept here: no import of it to look)
-RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-MASK_SOURCES = {SEG_STORAGE: "SEG", RTSTRUCT_STORAGE: "RTSTRUCT"}
 
 
 class ReadImage(NamedTuple):
@@ -91,24 +88,23 @@ def _read_file(path: Path, *, uid_map: Any, **kwargs: Any) -> ReadImage | MaskFi
     got = _read_image(path, **kwargs)
     if not isinstance(got, DicomError) or got.reason not in ("not_an_image", "no_pixel_data"):
         return got
-    from tasks.dicom.seg import sop_class_of
+    from tasks.dicom.seg import SEG_STORAGE, SegError, load_mask_dataset, read_seg
 
-    kind = MASK_SOURCES.get(sop_class_of(path))
-    if kind == "SEG":
-        from tasks.dicom.seg import SegError, read_seg
-
+    loaded = load_mask_dataset(path)
+    if loaded is None:
+        return got
+    sop_class, ds = loaded
+    if sop_class == SEG_STORAGE:
         try:
-            return MaskFile(kind, read_seg(path).with_uids(uid_map))
+            return MaskFile("SEG", read_seg(ds).with_uids(uid_map))
         except SegError as exc:
-            return MaskFile(kind, error=str(exc))
-    if kind == "RTSTRUCT":
-        from tasks.dicom.rtstruct import RtStructError, read_contours
+            return MaskFile("SEG", error=str(exc))
+    from tasks.dicom.rtstruct import RtStructError, read_contours
 
-        try:
-            return MaskFile(kind, read_contours(path).with_uids(uid_map))
-        except RtStructError as exc:
-            return MaskFile(kind, error=str(exc))
-    return got
+    try:
+        return MaskFile("RTSTRUCT", read_contours(ds).with_uids(uid_map))
+    except RtStructError as exc:
+        return MaskFile("RTSTRUCT", error=str(exc))
 
 
 def _read_image(path: Path, *, root: Path, label_key: str | None, color: str, voi: bool, deidentify: Any,

@@ -1,0 +1,108 @@
+"""Segmentation and detection end to end: the Prefect flow (real engine) runs both default tasks through DVC on a
+tiny synthetic cohort whose masks are DICOM SEG objects; the segmenter is trained, evaluated (Dice floor, detection),
+written back as DICOM SEG, exported to Core ML and registered beside the classifier."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests._repo import TINY_SEGMENT, copy_repo, dvc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return copy_repo(tmp_path_factory.mktemp("seg"), TINY_SEGMENT)
+
+
+@pytest.fixture(scope="module")
+def result(repo):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            return pipeline(repo=str(repo))
+    finally:
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def test_both_tasks_run_and_register_a_champion(repo, result):
+    ran = [s["stage"] for s in result["stages"] if s["ran"]]
+    per_task = ("preprocess", "train", "evaluate", "export", "promote")
+    assert ran == ["synth", "ingest", *[f"{s}@classify" for s in per_task], *[f"{s}@segment" for s in per_task]]
+    for task, name in (("classify", "medpipe-classifier"), ("segment", "medpipe-segmenter")):
+        reg = result["tasks"][task]["registry"]
+        assert (reg["model_name"], reg["version"], reg["alias"]) == (name, "1", "champion")
+        assert reg == json.loads((repo / f"models/{task}/registry.json").read_text())
+    assert result["tasks"]["segment"]["kind"] == "segmentation"
+
+
+def test_segmenter_beats_the_floor(repo, result):
+    """A trained segmenter clears a Dice floor an untrained or broken one misses (untrained: ~0.1-0.2)."""
+    m = result["tasks"]["segment"]["metrics"]
+    details = json.loads((repo / "reports/segment/evaluate/details.json").read_text())
+    assert m == json.loads((repo / "reports/segment/evaluate/metrics.json").read_text())
+    assert m["n_test"] > 0
+    assert details["metrics"]["test_dice_lung"]["value"] >= 0.6, details["metrics"]["test_dice_lung"]
+    assert m["test_dice"] >= 0.4, m
+    for key in ("test_iou", "test_hd95", "test_surface_dice", "test_dice_original", "test_ap50", "test_sens_at_1fp"):
+        assert key in m and np.isfinite(m[key]), key
+    ci = details["metrics"]["test_dice"]
+    assert ci["ci_low"] <= ci["value"] <= ci["ci_high"]
+    # the original grid (64 px) and the model's (32 px) agree roughly: the mapping back is right
+    assert abs(m["test_dice_original"] - m["test_dice"]) < 0.15, m
+    per_case = (repo / "reports/segment/evaluate/outputs/per_case.csv").read_text().splitlines()
+    assert len(per_case) == m["n_test"] + 1
+    assert {p.name for p in (repo / "reports/segment/evaluate/outputs/overlays").glob("*.png")} == {
+        "best.png", "median.png", "worst.png"}
+
+
+def test_predictions_come_back_as_dicom_seg(repo, result):
+    """Every test prediction is a DICOM SEG that references its source series; read back, it equals the prediction
+    on the image's own grid, with the image's geometry."""
+    from tasks.dicom.seg import read_seg
+
+    outputs = repo / "reports/segment/evaluate/outputs"
+    preds = np.load(outputs / "predictions.npz")
+    geometry = json.loads((repo / "data/preprocessed/segment/test_geometry.json").read_text())
+    files = sorted((outputs / "dicom_seg").glob("*.dcm"))
+    assert len(files) == len(preds.files) == result["tasks"]["segment"]["metrics"]["n_test"]
+    classes = ["lung", "lesion"]
+    for path in files:
+        image_id = path.stem
+        seg, g = read_seg(path), geometry[image_id]
+        assert seg.series_uid == g["series_instance_uid"] and seg.frame_of_reference == g["frame_of_reference_uid"]
+        label_map, _ = seg.to_label_map(g["sop_instance_uids"], classes)
+        pred = preds[image_id]
+        assert label_map.reshape(pred.shape).tolist() == pred.tolist(), image_id
+        assert np.allclose(seg.pixel_spacing, g["pixel_spacing"])
+
+
+def test_segmenter_package_spec(repo, result):
+    """The Core ML segmenter: one per-class probability map at the model's size, the class names in its metadata."""
+    from tasks.coreml.convert import inspect_package
+
+    (pkg,) = (repo / "models/segment/export").glob("*.mlpackage")
+    info = inspect_package(pkg)
+    assert info["output_shapes"]["probabilities"] == [1, 3, 32, 32], info
+    assert json.loads(info["metadata"]["class_names"]) == ["background", "lung", "lesion"]
+    assert info["metadata"]["task_kind"] == "segmentation"
+
+
+def test_same_seed_same_dice(repo, result):
+    """Retraining with the same seed and data gives the same validation and test Dice."""
+    before = json.loads((repo / "reports/segment/evaluate/metrics.json").read_text())
+    val_before = json.loads((repo / "models/segment/train/val_metrics.json").read_text())
+    dvc(repo, "repro", "--force", "--single-item", "train@segment")
+    dvc(repo, "repro", "--force", "--single-item", "evaluate@segment")
+    assert json.loads((repo / "models/segment/train/val_metrics.json").read_text()) == val_before
+    assert json.loads((repo / "reports/segment/evaluate/metrics.json").read_text()) == before
