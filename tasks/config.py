@@ -301,8 +301,8 @@ def _default_tasks() -> dict[str, TaskParams]:
             kind="segmentation", model_name="medpipe-segmenter",
             description="Lung and lesion segmenter trained by medpipe",
             preprocess={"spatial_size": [128, 128]},
-            train={"family": "cnn", "arch": "unet", "epochs": 12, "batch_size": 16, "lr": 0.003, "select_metric": "dice",
-                   "augmentation": {"rotate_deg": 10.0, "intensity_scale": 0.1}},
+            train={"family": "cnn", "arch": "unet", "epochs": 12, "batch_size": 16, "lr": 0.003,
+                   "select_metric": "dice", "augmentation": {"rotate_deg": 10.0, "intensity_scale": 0.1}},
             promote={"metric": "val_dice"},
         ),
     }  # fmt: skip

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +29,8 @@ import numpy as np
 
 from tasks import tracking
 from tasks.config import EvaluateParams
+from tasks.evaluate_files import DETAILS_FILE, METRICS_FILE, EvaluateResult, prepare_output
 from tasks.metrics import METRIC_NAMES, bootstrap_ci, classification_metrics, predict_labels
-
-METRICS_FILE = "metrics.json"  # the headline, a DVC metrics file: what `dvc metrics show` and `dvc exp show` compare
-DETAILS_FILE = "details.json"  # each metric with its confidence interval, the threshold's source, the confusion matrix
-OUTPUTS = "outputs"  # everything else (a cached DVC output folder): predictions, curves' points, PNGs
-
-
-@dataclass(frozen=True)
-class EvaluateResult:
-    """``metrics``: flat, as logged to MLflow: ``test_<m>``, ``test_<m>_ci_low``/``_ci_high`` for each of
-    :data:`tasks.metrics.METRIC_NAMES`, ``n_test`` and ``test_threshold``."""
-
-    metrics: dict[str, float]
-    n_test: int
 
 
 def curves(y: np.ndarray, proba: np.ndarray, positive_class: int) -> tuple[list[dict], list[dict]]:
@@ -100,18 +87,6 @@ def plot_all(
     paths.append(output / "confusion.png")
     plt.close("all")
     return paths
-
-
-def prepare_output(output: Path) -> Path:
-    """Create ``output`` and an empty ``output/outputs`` (a previous run's files there are removed: the folder is one
-    DVC output); returns the latter."""
-    import shutil
-
-    files = output / OUTPUTS
-    if files.exists():
-        shutil.rmtree(files)
-    files.mkdir(parents=True)
-    return files
 
 
 def resolve_threshold(setting: float | str, val: dict, source: Path) -> tuple[float, str]:

@@ -3,10 +3,11 @@
 Writes to ``<output>/``:
 
 ``metrics.json``  the headline, for ``dvc metrics`` / ``dvc exp show``: mean foreground Dice, IoU, HD95 (mm where the
-                  spacing is known, else voxels), surface Dice, Dice on the original grids, lesion detection AP at
-                  IoU 0.5 and 0.3, lesion sensitivity at 1 false positive per image, ``n_test``
-``details.json``  per-class figures at the model's resolution and on each image's original grid, each with its
-                  patient-level bootstrap confidence interval; detection (AP per IoU, FROC points); conventions
+                  spacing is known, else pixels/voxels of the model's grid), surface Dice, Dice on the original grids,
+                  lesion detection AP at IoU 0.5 and 0.3, lesion sensitivity at 1 false positive per image, ``n_test``
+``details.json``  Dice, IoU, HD95 and surface Dice per class at the model's resolution and on each image's original
+                  grid (``*_original``), each with its patient-level bootstrap confidence interval; detection (AP
+                  per IoU, FROC points); conventions
 ``outputs/``      ``per_case.csv`` (``dvc plots``: Dice per case), ``predictions.npz`` (each predicted label map on
                   its image's original grid, by image_id), ``overlays/`` PNGs of the best, median and worst cases,
                   ``dice_per_case.png``, and for DICOM inputs ``dicom_seg/<image_id>.dcm``: each prediction as DICOM
@@ -28,10 +29,12 @@ import numpy as np
 
 from tasks import tracking
 from tasks.config import EvaluateParams
-from tasks.evaluate import DETAILS_FILE, METRICS_FILE, EvaluateResult, prepare_output
+from tasks.evaluate_files import DETAILS_FILE, METRICS_FILE, EvaluateResult, prepare_output
 from tasks.metrics import bootstrap_mean_ci
 
-HEADLINE = ("dice", "iou", "hd95", "surface_dice", "dice_original", "ap50", "ap30", "sens_at_1fp")  # printed
+# metrics.json (and the printed summary): the model-resolution figures, Dice on the original grids, detection
+HEADLINE = ("dice", "iou", "hd95", "surface_dice", "dice_original", "ap50", "ap30", "sens_at_1fp")
+ORIGINAL_METRICS = ("dice", "iou", "hd95", "surface_dice")  # also computed on each image's own grid (details.json)
 
 
 def _spacing_at_model(spacing: list[float] | None, orig_shape: list[int], size: list[int]) -> list[float] | None:
@@ -104,7 +107,7 @@ def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> Ev
     """
     from tasks import segmetrics
     from tasks.models.networks import load_trained, predict_seg_proba, weights_hash
-    from tasks.preprocess import ORIGINAL_MASKS, TEST_GEOMETRY, map_back
+    from tasks.spatial import ORIGINAL_MASKS, TEST_GEOMETRY, map_back
 
     sp = ep.seg
     meta = json.loads((data_dir / "meta.json").read_text())
@@ -139,9 +142,10 @@ def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> Ev
         )
         case = per_case[i]
         case["case"], case["patient_id"] = r["image_id"], r["patient_id"]
-        case["dice_original"] = orig["dice"]
-        for n in names[1:]:
-            case[f"dice_original_{n}"] = orig[f"dice_{n}"]
+        for metric in ORIGINAL_METRICS:
+            case[f"{metric}_original"] = orig[hd if metric == "hd95" else metric]
+            for n in names[1:]:
+                case[f"{metric}_original_{n}"] = orig[f"{hd if metric == 'hd95' else metric}_{n}"]
 
     # detection: connected components of the detect class's probability map
     detection: dict[str, Any] = {}
@@ -155,14 +159,15 @@ def run(ep: EvaluateParams, model_dir: Path, data_dir: Path, output: Path) -> Ev
 
     groups = [r["patient_id"] for r in ids]
     figures: dict[str, dict[str, float]] = {}
-    per_metric = ("dice", "iou", hd, "surface_dice", "dice_original")
+    per_metric = ("dice", "iou", hd, "surface_dice", *[f"{m}_original" for m in ORIGINAL_METRICS])
     keys = [*per_metric, *[f"{m}_{n}" for m in per_metric for n in names[1:]]]
     for k in keys:
         vals = np.array([case[k] for case in per_case], float)
         lo, hi = bootstrap_mean_ci(vals, groups, ep.bootstrap, ep.ci, ep.bootstrap_seed)
         figures[f"test_{k}"] = {"value": float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else float("nan"),
                                 "ci_low": lo, "ci_high": hi, "n_defined": int((~np.isnan(vals)).sum())}  # fmt: skip
-    headline: dict[str, Any] = {f"test_{k}": round(figures[f"test_{k}"]["value"], 6) for k in per_metric}
+    headline: dict[str, Any] = {f"test_{k}": round(figures[f"test_{k}"]["value"], 6)
+                                for k in ("dice", "iou", hd, "surface_dice", "dice_original")}  # fmt: skip
     for key in (*[f"ap{round(t * 100)}" for t in sp.iou_thresholds], "sens_at_1fp"):
         if key in detection:
             headline[f"test_{key}"] = round(float(detection[key]), 6)

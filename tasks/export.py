@@ -110,7 +110,7 @@ def task_kind_of(spec: ModelSpec, meta: dict[str, Any], model_json: Path, meta_j
 def map_back_rule(meta: dict[str, Any]) -> dict[str, Any]:
     """How a prediction at the model's resolution goes back to an image's original grid, from meta.json's
     ``resized`` (absent = resized): the rule of preprocess's spatial transforms and where the per-image sizes are.
-    ``tasks.preprocess.map_back`` is the Python implementation (MONAI's inverse of the recorded transforms)."""
+    ``tasks.spatial.map_back`` is the Python implementation (MONAI's inverse of the recorded transforms)."""
     if meta.get("resized") is False:
         return {"rule": "none: the model input is the image at its ingested size", "spatial_size": None}
     return {
@@ -119,7 +119,7 @@ def map_back_rule(meta: dict[str, Any]) -> dict[str, Any]:
                 "the centred pad/crop to the resized shape, then resize to orig_shape (nearest for label maps)",
         "spatial_size": list(meta["spatial_size"]),
         "per_image": "{split}_ids.csv column orig_shape (the ingested spatial shape) and spacing (mm)",
-        "implementation": "tasks.preprocess.map_back",
+        "implementation": "tasks.spatial.map_back",
     }
 
 

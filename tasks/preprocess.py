@@ -15,8 +15,9 @@ applies the same spatial transforms to image and mask (area resampling for the i
 mask), adding:
 
 ``<output>/{split}_m.npy``  uint8 (N, *spatial_size) label maps, 0 = background, v = ingest.masks.classes[v-1]
-``{split}_ids.csv`` columns ``orig_shape`` (the ingested spatial shape) and ``spacing`` (mm): :func:`map_back` returns
-a prediction to the original image grid with MONAI's inverse of the same transforms.
+``{split}_ids.csv`` columns ``orig_shape`` (the ingested spatial shape) and ``spacing`` (mm):
+:func:`tasks.spatial.map_back` returns a prediction to the original image grid with MONAI's inverse of the same
+transforms.
 ``<output>/test_masks_original.npz``  each test mask on its own image's grid (key: image_id), for scoring there
 ``<output>/test_geometry.json``       ingest's geometry of each test image (writing predictions as DICOM SEG)
 """
@@ -33,10 +34,9 @@ from typing import Any
 import numpy as np
 
 from tasks.config import PreprocessParams
+from tasks.spatial import ORIGINAL_MASKS, TEST_GEOMETRY, seg_spatial
 
 SPLITS = ("train", "val", "test")
-ORIGINAL_MASKS = "test_masks_original.npz"  # segmentation: each test mask on its image's own grid, by image_id
-TEST_GEOMETRY = "test_geometry.json"  # segmentation: ingest's geometry of each test image (DICOM SEG of predictions)
 
 
 @dataclass(frozen=True)
@@ -110,56 +110,11 @@ def build_seg_transforms(intensity: dict[str, Any], spatial_size: list[int] | No
         mt.ScaleIntensityRanged(
             keys="image", a_min=intensity["a_min"], a_max=intensity["a_max"], b_min=0.0, b_max=1.0, clip=True
         ),
-        *_seg_spatial(spatial_size),
+        *seg_spatial(spatial_size),
         mt.EnsureTyped(keys="image", dtype=np.float32, data_type="numpy", track_meta=False),
         mt.EnsureTyped(keys="mask", dtype=np.uint8, data_type="numpy", track_meta=False),
     ]
     return mt.Compose(chain)
-
-
-def _seg_spatial(spatial_size: list[int] | None, keys: tuple[str, ...] = ("image", "mask")) -> list:
-    """The spatial part of :func:`build_seg_transforms` (also what :func:`map_back` inverts, on the mask alone):
-    area resampling for ``image``, nearest-neighbour for ``mask``."""
-    from monai import transforms as mt
-
-    if spatial_size is None:
-        return []
-    modes = tuple("area" if k == "image" else "nearest-exact" for k in keys)
-    return [
-        mt.Resized(keys=list(keys), spatial_size=max(spatial_size), size_mode="longest", mode=modes),
-        mt.ResizeWithPadOrCropd(keys=list(keys), spatial_size=spatial_size, mode="constant"),
-    ]
-
-
-def map_back(label_map: np.ndarray, orig_shape: list[int], spatial_size: list[int] | None) -> np.ndarray:
-    """A label map at the model's resolution, returned to its image's original grid (nearest-neighbour).
-
-    MONAI's own inverse of the preprocess spatial transforms: they are applied to a blank image of the original
-    shape (recording what they did), and that record inverts the prediction (un-pad/crop, then resize back).
-
-    Args:
-        label_map: integer (*spatial_size) prediction.
-        orig_shape: the ingested image's spatial shape (``{split}_ids.csv`` column ``orig_shape``).
-        spatial_size: ``preprocess.spatial_size`` the data was made with (meta.json ``spatial_size`` when resized).
-
-    Returns:
-        uint8 (*orig_shape) label map.
-    """
-    import torch
-    from monai import transforms as mt
-    from monai.data import MetaTensor
-
-    if spatial_size is None or list(label_map.shape) == list(orig_shape) and list(orig_shape) == list(spatial_size):
-        return label_map.astype(np.uint8)
-    spatial = mt.Compose(_seg_spatial(list(spatial_size), keys=("mask",)))
-    done = spatial({"mask": MetaTensor(torch.zeros((1, *orig_shape)))})
-    pred = MetaTensor(torch.as_tensor(label_map[None].astype(np.float32)), meta=done["mask"].meta)
-    pred.applied_operations = done["mask"].applied_operations
-    back = spatial.inverse({"mask": pred})["mask"]
-    out = np.asarray(back[0].detach().cpu().numpy()).round().astype(np.uint8)
-    if list(out.shape) != list(orig_shape):
-        raise RuntimeError(f"map_back: got {out.shape}, expected {orig_shape}")
-    return out
 
 
 def _spatial_size(params: PreprocessParams, sample_ndim: int, source: Path) -> list[int] | None:

@@ -110,10 +110,12 @@ def test_tiny_folder_end_to_end(disk_folder: Path, tmp_path: Path, monkeypatch: 
     assert res["recipe"]["preprocess.spatial_size"] == [32, 32] and res["recipe"]["train.epochs"] == 1
     assert [p["method"] for p in res["published"]["rows"]] == ["U-Net", "TransUnet", "CMUNeXt", "Mobile U-ViT"]
     assert res["machine"]["cpu_count"] >= 1 and res["machine"]["torch"]
+    assert res["data_hash"].startswith("sha256:")
     # the per-split run is nested under the benchmark's parent run, which got the mean figures
     from tasks import tracking
 
     children = tracking.sweep_children("segmentation-benchmark", res["sweep"])
     assert [c.info.run_id for c in children] == [row["run_id"]]
+    assert children[0].data.tags["source_data_hash"] == res["data_hash"]
     parent = tracking.sweep_parent("segmentation-benchmark", res["sweep"], create=False)
     assert tracking.client().get_run(parent).data.metrics["dice_mean"] == pytest.approx(res["dice_mean"])

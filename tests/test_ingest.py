@@ -49,7 +49,7 @@ def test_outputs_add_up(ingested_cohort, tiny_cohort, cohort_params) -> None:
     rows = _rows(ingested_cohort.manifest)
     assert tuple(rows[0]) == ingest.MANIFEST_COLUMNS
     # the label table inside the folder is not a candidate image: found = the DICOM files
-    assert s["files_found"] == tiny_cohort.n_files == s["used"] and s["quarantined"] == 0
+    assert s["files_found"] == tiny_cohort.n_files + tiny_cohort.n_seg == s["used"] and s["quarantined"] == 0
     assert s["series_built"] == len(rows) == tiny_cohort.n_studies and s["patients"] == tiny_cohort.n_patients
     assert sum(v["images"] for v in s["splits"].values()) == len(rows)
     assert sum(v["patients"] for v in s["splits"].values()) == tiny_cohort.n_patients  # disjoint by patient
@@ -61,14 +61,14 @@ def test_outputs_add_up(ingested_cohort, tiny_cohort, cohort_params) -> None:
     assert s["params"]["labels_csv"] == "labels.csv" and "wall_s" not in s and "local_report" not in s["params"]
     assert s["images_without_patient_id"] == 0
     assert sorted(p.name for p in (out / "arrays").iterdir()) == sorted(f"{r['image_id']}.npy" for r in rows)
-    assert sorted(p.name for p in out.iterdir()) == ["arrays", "deid_audit.json", "manifest.csv", "quarantine.csv",
-                                                     "summary.json"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["arrays", "deid_audit.json", "geometry", "manifest.csv", "masks",
+                                                     "quarantine.csv", "summary.json"]  # fmt: skip
     for r in rows:
         arr = np.load(out / r["path"])
         assert arr.dtype == np.float32 and list(arr.shape) == json.loads(r["shape"]) == [64, 64]
         assert hashlib.sha256(arr.tobytes()).hexdigest() == r["sha256"]
         assert len(json.loads(r["spacing"])) == 2 and r["modality"] == "CT" and r["unit"] == "HU"
-        assert r["split"] in ("train", "val", "test") and r["label"] in ("0", "1") and r["n_instances"] == "1"
+        assert r["split"] in ("train", "val", "test") and r["label"] in ("0", "1") and r["n_instances"] == "2"
         assert r["patient_id_from"] == "PatientID"  # every synthetic instance has one
         assert -1024 <= arr.min() < -900 and 300 < arr.max() < 2000
     check_patient_disjoint([r["patient_id"] for r in rows], [r["split"] for r in rows])
@@ -89,7 +89,7 @@ def test_labels_are_those_of_the_table(ingested_cohort, tiny_cohort, cohort_para
 
 
 def _originals(dicom_dir: Path) -> list[pydicom.Dataset]:
-    return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(dicom_dir.rglob("*.dcm"))]
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(dicom_dir.rglob("slice*.dcm"))]
 
 
 def test_nothing_identifying_is_written(ingested_cohort, tiny_cohort, params) -> None:
@@ -187,15 +187,15 @@ def test_a_relative_input_is_recorded_as_given(tiny_cohort, make_params, run_ing
 def test_duplicates_and_missing_labels_are_quarantined(tiny_cohort, make_params, run_ingest, tmp_path: Path) -> None:
     dicom_dir, params = _copy_cohort(tiny_cohort, make_params, tmp_path / "dicom")
     labels = dicom_dir / "labels.csv"
-    first = sorted(dicom_dir.rglob("*.dcm"))[0]
+    first = sorted(dicom_dir.rglob("slice*.dcm"))[0]
     shutil.copy(first, first.with_name("zz_copy.dcm"))
     rows = labels.read_text().splitlines()
-    dropped = read_dicom(sorted(dicom_dir.rglob("*.dcm"))[-1], "AccessionNumber").ids.label_value
+    dropped = read_dicom(sorted(dicom_dir.rglob("slice*.dcm"))[-1], "AccessionNumber").ids.label_value
     labels.write_text("\n".join(r for r in rows if not r.startswith(f"{dropped},")) + "\n")
 
     res = run_ingest(params, tmp_path / "out")
     reasons = sorted(r["reason"] for r in _rows(res.quarantine))
-    assert reasons == ["duplicate_instance", "no_label"]
+    assert reasons == ["duplicate_instance", "no_label", "no_label"]  # the unlabelled image's slice and its SEG
     assert res.summary["used"] + res.summary["quarantined"] == res.summary["files_found"]
     assert res.summary["series_built"] == tiny_cohort.n_studies - 1
     assert dropped not in res.quarantine.read_text()
@@ -214,22 +214,22 @@ def test_volumes_are_stacked_along_the_normal(make_params, run_ingest, tmp_path:
     shrink = {"synth.n_patients": 8, "synth.image_size": 32, "synth.slices_per_study": 3}
     cohort = synthesize(make_params(shrink).synth, tmp_path / "cohort", progress=False)
     for study in cohort.dicom_dir.glob("*/*"):  # reverse the file order so that names do not give the order
-        files = sorted(study.glob("*.dcm"))
+        files = sorted(study.glob("slice*.dcm"))
         for f in files:
             f.rename(f.with_suffix(".tmp"))
         for f, g in zip(files, reversed(files), strict=True):
             f.with_suffix(".tmp").rename(g)
     res = run_ingest(make_params({**shrink, "ingest.input": str(cohort.dicom_dir)}), tmp_path / "out")
-    assert res.summary["series_built"] == cohort.n_studies and res.summary["used"] == cohort.n_files
+    assert res.summary["series_built"] == cohort.n_studies and res.summary["used"] == cohort.n_files + cohort.n_seg
     study = next(cohort.dicom_dir.glob("*/*"))
-    slices = sorted((read_dicom(p) for p in study.glob("*.dcm")), key=lambda im: im.image_position[2])
+    slices = sorted((read_dicom(p) for p in study.glob("slice*.dcm")), key=lambda im: im.image_position[2])
     expected = np.stack([im.pixels for im in slices])
     assert not np.array_equal(expected, expected[::-1])  # the order is visible in the pixels
     rows = _rows(res.manifest)
     match = [r for r in rows if np.array_equal(np.load(res.output / r["path"]), expected)]
     assert len(match) == 1 and json.loads(match[0]["shape"]) == [3, 32, 32]
     spacing = json.loads(match[0]["spacing"])
-    assert spacing[0] == pytest.approx(slices[0].slice_thickness) and match[0]["n_instances"] == "3"
+    assert spacing[0] == pytest.approx(slices[0].slice_thickness) and match[0]["n_instances"] == "4"  # + SEG
 
 
 def test_secret_changes_pseudonyms_and_is_never_written(
@@ -302,7 +302,8 @@ def test_cli(tiny_cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str], mo
     ingest.main(["--params", str(REPO / "params.yaml"), "--output", str(tmp_path / "out"),
                  "--input", str(tiny_cohort.dicom_dir), "--labels", str(tiny_cohort.labels_csv)])  # fmt: skip
     captured = capsys.readouterr()
-    assert f"files found {tiny_cohort.n_files}: used {tiny_cohort.n_files}" in captured.out
+    n_files = tiny_cohort.n_files + tiny_cohort.n_seg
+    assert f"files found {n_files}: used {n_files}" in captured.out
     assert "development default" in captured.err and "without labels" not in captured.err
     # the local report, at params' default (relative to the working directory, as ingest.input), lists every file
     local = _rows(tmp_path / "reports" / "ingest" / "local_paths.csv")
@@ -360,7 +361,7 @@ def test_refuses_an_output_folder_that_holds_the_input(tiny_cohort, make_params,
     for output in (tmp_path / "data", dicom_dir):
         with pytest.raises(ValueError, match="holds the input"):
             run_ingest(params, output)
-    assert len(list(dicom_dir.rglob("*.dcm"))) == tiny_cohort.n_files
+    assert len(list(dicom_dir.rglob("*.dcm"))) == tiny_cohort.n_files + tiny_cohort.n_seg
 
 
 def test_an_interrupted_ingest_does_not_block_the_next(make_params, run_ingest, cohort_params, tiny_cohort,

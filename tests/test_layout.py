@@ -25,9 +25,11 @@ STAGE_MODULES = ("synth", "ingest", "preprocess", "train", "evaluate", "export",
 # bottom to top; a module (or a package and everything under it) may import its own layer or lower
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("tasks", "tasks.config", "tasks.provenance"),  # schema, hashes: no project imports but the schema
-    ("tasks.metrics", "tasks.tracking", "tasks.dicom"),  # leaf services: numbers, MLflow, DICOM files
+    # leaf services: numbers, MLflow, DICOM files, spatial transforms, the evaluate stage's file layout
+    ("tasks.metrics", "tasks.segmetrics", "tasks.tracking", "tasks.dicom", "tasks.spatial", "tasks.evaluate_files"),
     ("tasks.sources", "tasks.models"),  # where images come from; networks and their fitting
-    ("tasks.coreml", "tasks.reporting"),  # built on models / tracking
+    ("tasks.coreml", "tasks.reporting", "tasks.evaluate_seg"),  # built on models / tracking (and the segmentation
+    # evaluation, which the evaluate stage hands a segmentation task to)
     tuple(f"tasks.{s}" for s in STAGE_MODULES),  # one module per DVC stage
 )
 

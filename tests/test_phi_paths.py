@@ -71,7 +71,8 @@ def test_no_identifying_path_reaches_any_output(tiny_cohort, make_params, run_in
     params = make_params({"ingest.input": str(export), "ingest.deid.write_dicom": True,
                           "ingest.local_report": str(report)})  # fmt: skip
     res = run_ingest(params, tmp_path / "out")
-    assert res.summary["quarantined"] == len(quarantined) and res.summary["used"] == tiny_cohort.n_files
+    n_files = tiny_cohort.n_files + tiny_cohort.n_seg  # the slices and their SEGs
+    assert res.summary["quarantined"] == len(quarantined) and res.summary["used"] == n_files
 
     outputs = {p.relative_to(res.output).as_posix(): p.read_bytes() for p in res.output.rglob("*") if p.is_file()}
     assert {"manifest.csv", "quarantine.csv", "summary.json", "deid_audit.json"} <= set(outputs)
@@ -140,7 +141,7 @@ def test_no_local_report_when_null(tiny_cohort, make_params, run_ingest, tmp_pat
     monkeypatch.chdir(tmp_path)  # a relative local_report would land here
     params = make_params({"ingest.input": str(tiny_cohort.dicom_dir), "ingest.local_report": None})
     res = run_ingest(params, tmp_path / "out")
-    assert res.summary["used"] == tiny_cohort.n_files
+    assert res.summary["used"] == tiny_cohort.n_files + tiny_cohort.n_seg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -169,7 +170,7 @@ def _without_patient_ids(src: Path, dest: Path) -> dict[str, str]:
     * ``no_study``: neither PatientID nor StudyInstanceUID: a patient of its own (its SOPInstanceUID's).
     """
     shutil.copytree(src, dest)
-    files = sorted(dest.rglob("*.dcm"))
+    files = sorted(dest.rglob("slice*.dcm"))  # the CT slices (each study also holds its seg.dcm)
     by_study: dict[str, Path] = {}
     for f in files:
         by_study.setdefault(str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID), f)

@@ -368,3 +368,18 @@ def test_write_seg_from_source_files_is_byte_identical(cohort: synth.SynthResult
     assert a.read_bytes() == b.read_bytes()
     with pytest.raises(ValueError, match="label value 3"):
         write_seg(slices, mask + 1, CLASSES, tmp_path / "c.dcm", **kwargs)
+
+
+def test_a_third_party_seg_is_read() -> None:
+    """pydicom-data's liver.dcm (a SEG made by another tool) reads into planes on its referenced instances."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("liver.dcm")
+    if path is None:
+        pytest.skip("pydicom-data is not installed (pip install -e '.[dev]')")
+    seg = read_seg(path)
+    assert seg.segment_labels == {1: "Liver"} and seg.planes.shape == (3, 512, 512, 1)
+    assert seg.positions is not None and seg.positions.shape == (3, 3) and seg.frame_of_reference
+    labels, notes = seg.to_label_map(list(reversed(seg.source_sop_uids)), ["lung", "liver"])
+    assert notes == [] and set(np.unique(labels)) == {0, 2}
+    assert np.array_equal(labels[::-1] == 2, seg.planes[..., 0])  # each plane on the slice its instance is

@@ -16,6 +16,7 @@ MASK_REASONS = {
     "mask_geometry": "the mask does not fit its image (size, spacing, orientation, origin or frame of reference)",
     "mask_unreadable": "the mask file could not be read",
     "mask_orphan": "the mask refers to no image that was ingested",
+    "mask_duplicate": "a second mask for an image that has one already",
 }
 
 
