@@ -211,6 +211,9 @@ class SegTrainParams(_Strict):
     loss: Literal["dicece"] = "dicece"  # MONAI DiceCELoss: soft Dice + cross-entropy
     dice_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(1.0, ge=0)
+    # Dice over the whole batch per class (nnU-Net's "batch Dice"), not per image: a small structure absent from most
+    # images still gets a strong gradient (per image, a 40-pixel nodule's Dice term hardly moved training)
+    batch_dice: bool = True
     # sliding-window ROI for validation/inference ((H, W) or (D, H, W)); null: the whole preprocessed image at once
     roi_size: list[int] | None = Field(None, min_length=2, max_length=3)
 
@@ -301,7 +304,7 @@ def _default_tasks() -> dict[str, TaskParams]:
             kind="segmentation", model_name="medpipe-segmenter",
             description="Lung and lesion segmenter trained by medpipe",
             preprocess={"spatial_size": [128, 128]},
-            train={"family": "cnn", "arch": "unet", "epochs": 12, "batch_size": 16, "lr": 0.003,
+            train={"family": "cnn", "arch": "unet", "epochs": 20, "batch_size": 8, "lr": 0.01,
                    "select_metric": "dice", "augmentation": {"rotate_deg": 10.0, "intensity_scale": 0.1}},
             promote={"metric": "val_dice"},
         ),

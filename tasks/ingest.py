@@ -55,6 +55,7 @@ MANIFEST_COLUMNS = (
     "shape", "spacing", "modality", "unit", "n_instances", "channels", "selection", "patient_id_from",
     "notes", "mask_path", "mask_labels", "mask_source", "geometry_path",
 )  # fmt: skip
+# n_instances: the files behind the image (its DICOM instances, and its mask file when it has one)
 # mask_path: masks/<image_id>.npy, a uint8 label map of the image's spatial shape (value v = ingest.masks.classes[v-1]);
 # empty when the image has no (usable) mask. mask_labels: the label values it holds (JSON list). geometry_path:
 # geometry/<image_id>.json, what maps a prediction back and writes it as DICOM SEG (pseudonymised UIDs only)

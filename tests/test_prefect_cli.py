@@ -136,5 +136,5 @@ def test_cli_lists_deploys_and_runs_against_the_started_server(server: dict[str,
     # the triggered run completed; the schedules may have added SCHEDULED runs for the coming nights
     assert states.count("COMPLETED") == 1 and set(states) <= {"COMPLETED", "SCHEDULED"}, states
     # the worker ran the pipeline in the deploy folder: the tiny copy now has its model and its MLflow run
-    assert (repo / "models" / "train" / "model.json").is_file()
+    assert (repo / "models" / "classify" / "train" / "model.json").is_file()
     assert (repo / "mlflow" / "mlflow.db").is_file()

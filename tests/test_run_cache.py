@@ -49,26 +49,26 @@ def test_undoing_a_rejected_params_edit_restores_train_from_the_run_cache(tmp_pa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     repo = copy_repo(tmp_path)
     dvc(repo, "repro")
-    model = repo / "models" / "train" / "model.pt"
+    model = repo / "models" / "classify" / "train" / "model.pt"
     first, runs = _sha(model), _train_runs(repo)
     assert runs == 1 and _versions(repo) == 1
 
     # the mistake, typed into the file by hand (write_overrides would refuse it): DVC removes train's outputs, then
     # train rejects the value
     _set_raw(repo / "params.yaml", "train", "epochs", -3)
-    bad = dvc(repo, "repro", "train", check=False)
+    bad = dvc(repo, "repro", "train@classify", check=False)
     assert bad.returncode != 0
     assert "train.epochs" in bad.stdout + bad.stderr
     assert not model.exists(), "DVC clears a stage's outputs before its command runs"
 
     # the value restored: the same inputs as the first run, so DVC checks the outputs out of its run cache
     write_overrides(repo / "params.yaml", {"train.epochs": 1})
-    again = dvc(repo, "repro", "train")
-    assert "Stage 'train' is cached - skipping run, checking out outputs" in again.stdout, again.stdout
+    again = dvc(repo, "repro", "train@classify")
+    assert "Stage 'train@classify' is cached - skipping run, checking out outputs" in again.stdout, again.stdout
     assert _sha(model) == first
     assert _train_runs(repo) == runs, "restoring from the run cache must not open a new MLflow run"
     # the rest of the pipeline sees the same model: nothing reruns, no new registered version
     rest = dvc(repo, "repro")
     assert "Running stage" not in rest.stdout, rest.stdout
     assert _versions(repo) == 1
-    assert os.path.isdir(repo / "models" / "train")
+    assert os.path.isdir(repo / "models" / "classify" / "train")

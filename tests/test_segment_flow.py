@@ -106,3 +106,22 @@ def test_same_seed_same_dice(repo, result):
     dvc(repo, "repro", "--force", "--single-item", "evaluate@segment")
     assert json.loads((repo / "models/segment/train/val_metrics.json").read_text()) == val_before
     assert json.loads((repo / "reports/segment/evaluate/metrics.json").read_text()) == before
+
+
+def test_no_identifying_value_reaches_the_segmentation_outputs(repo, result):
+    """The PHI scan of test_pipeline.py over what the segmentation task adds: the ingested masks and geometry, its
+    tensors, the predicted masks (npz and DICOM SEG), reports, the exported packages and the MLflow store."""
+    from tasks.config import load_params
+    from tasks.dicom.pseudonym import Pseudonymizer
+    from tests.test_pipeline import _identifying_values
+
+    pseudo = Pseudonymizer.from_params(load_params(repo / "params.yaml").ingest.deid)
+    values = _identifying_values(repo / "data/synthetic/dicom", pseudo)
+    assert len(values) > 100, "the cohort should carry names, ids, UIDs and dates to look for"
+    outputs = [p for d in ("data/ingested/masks", "data/ingested/geometry", "data/preprocessed/segment",
+                           "models/segment", "reports/segment", "mlflow")
+               for p in (repo / d).rglob("*") if p.is_file()]  # fmt: skip
+    assert any(p.suffix == ".dcm" for p in outputs) and any(p.name == "test_geometry.json" for p in outputs)
+    encoded = [(v, v.encode()) for v in values]
+    hits = [f"{p.relative_to(repo)}: {v}" for p in outputs for v, b in encoded if b in p.read_bytes()]
+    assert not hits, f"{len(hits)} identifying values in the outputs: {hits[:10]}"

@@ -21,6 +21,7 @@ from tasks.models.networks import DEFAULT_SEG_CHANNELS, SEG_ARCHS, ModelSpec
 
 SEG_DEFAULTS: dict[str, Any] = {
     "channels": list(DEFAULT_SEG_CHANNELS), "loss": "dicece", "dice_weight": 1.0, "ce_weight": 1.0, "roi_size": None,
+    "batch_dice": True,
 }  # fmt: skip
 SEG_SELECT_METRICS = ("dice", "loss")
 
@@ -84,7 +85,8 @@ class SegFit(TorchFit):
         from monai.losses import DiceCELoss
 
         return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=float(self.seg["dice_weight"]),
-                          lambda_ce=float(self.seg["ce_weight"]), label_smoothing=self.tp.label_smoothing)
+                          lambda_ce=float(self.seg["ce_weight"]), label_smoothing=self.tp.label_smoothing,
+                          batch=bool(self.seg["batch_dice"]))
 
     def batch(self, idx):
         """Images (B, C, *S) and label maps (B, 1, *S) int64 of ``idx``, augmented jointly, on the device."""
