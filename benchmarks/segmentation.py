@@ -156,7 +156,7 @@ def timed_seg_steps(params: Params, data_dir: Path, steps: int = 30, warmup: int
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=tp.seg.dice_weight, lambda_ce=tp.seg.ce_weight,
-                         label_smoothing=tp.label_smoothing)  # fmt: skip
+                         label_smoothing=tp.label_smoothing, batch=tp.seg.batch_dice)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     bs = min(tp.batch_size, len(x))
     totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
