@@ -19,10 +19,25 @@ def _lookup(params: dict, dotted: str):
     return node
 
 
+def expanded_stages(spec: dict, params: dict) -> dict:
+    """dvc.yaml's stages with each ``foreach: ${tasks}`` group expanded to ``<stage>@<task>`` (its ``do`` body, with
+    ``${key}`` replaced), as DVC names them in dvc.lock."""
+    out = {}
+    for name, stage in spec.items():
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        assert stage["foreach"] == "${tasks}", f"dvc.yaml stage {name}: foreach over {stage['foreach']}"
+        for task in params["tasks"]:
+            deps = [d.replace("${key}", task) if isinstance(d, str) else d for d in stage["do"].get("deps", [])]
+            out[f"{name}@{task}"] = {**stage["do"], "deps": deps}
+    return out
+
+
 def test_dvc_lock_matches_the_committed_code_and_params():
     lock = read_yaml(REPO / "dvc.lock")["stages"]
-    spec = read_yaml(REPO / "dvc.yaml")["stages"]
     params = read_yaml(REPO / "params.yaml")
+    spec = expanded_stages(read_yaml(REPO / "dvc.yaml")["stages"], params)
     stale = []
     assert set(lock) == set(spec), f"dvc.lock stages {sorted(lock)} != dvc.yaml stages {sorted(spec)}"
     for name, entry in lock.items():
