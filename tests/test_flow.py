@@ -242,7 +242,8 @@ def test_bad_params_file_fails_the_flow_and_the_cli(tmp_path: Path, harness, cap
     assert exit_info.value.code == 2
     assert "ingest.val_fraction" in capsys.readouterr().err
     assert not (repo / "data").exists(), "a stage ran although params.yaml is invalid"
-    assert sorted(p.name for p in (repo / "models").iterdir()) == ["registry.json"]  # only the committed entry
+    files = sorted(p.relative_to(repo / "models").as_posix() for p in (repo / "models").rglob("*") if p.is_file())
+    assert files == ["classify/registry.json", "segment/registry.json"]  # only the committed entries
 
 
 def test_last_lines_name_the_champion_when_the_new_version_is_not_it() -> None:

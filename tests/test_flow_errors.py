@@ -226,12 +226,12 @@ def small_repo(tmp_path: Path) -> Path:
 def test_dvc_status_failure_carries_dvcs_error(small_repo: Path) -> None:
     """``dvc status --json`` prints nothing when it fails: the error must still say what DVC said, with the line."""
     from flows.failures import StageFailed, is_transient
-    from flows.pipeline import changed_stages
+    from flows.pipeline import changed_stages, stage_names
 
     dvc_yaml = small_repo / "dvc.yaml"
     dvc_yaml.write_text(dvc_yaml.read_text().replace("    deps:", "    deps: [", 1))
     with pytest.raises(StageFailed) as info:
-        changed_stages.fn(small_repo)
+        changed_stages.fn(small_repo, stage_names(["classify"]))
     message = str(info.value)
     assert message.startswith("`dvc status` failed: './dvc.yaml' is invalid."), message
     assert "line " in message and "column" in message, message
@@ -244,19 +244,20 @@ def test_a_held_dvc_lock_is_transient(small_repo: Path) -> None:
     from dvc.lock import make_lock
 
     from flows.failures import StageFailed, is_transient
-    from flows.pipeline import changed_stages
+    from flows.pipeline import changed_stages, stage_names
 
+    names = stage_names(["classify"])
     (small_repo / ".dvc/tmp").mkdir(parents=True, exist_ok=True)
     lock = make_lock(str(small_repo / ".dvc/tmp/lock"))
     lock.lock()
     try:
         with pytest.raises(StageFailed) as info:
-            changed_stages.fn(small_repo)
+            changed_stages.fn(small_repo, names)
     finally:
         lock.unlock()
     assert "Unable to acquire lock" in str(info.value)
     assert is_transient(info.value)
-    assert "synth" in changed_stages.fn(small_repo)
+    assert "synth" in changed_stages.fn(small_repo, names)
 
 
 # --- live output --------------------------------------------------------------------------------------------------
