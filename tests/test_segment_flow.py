@@ -108,7 +108,29 @@ def test_same_seed_same_dice(repo, result):
     assert json.loads((repo / "reports/segment/evaluate/metrics.json").read_text()) == before
 
 
-def test_no_identifying_value_reaches_the_segmentation_outputs(repo, result):
+def _writer_constants(repo, tmp) -> set[str]:
+    """Every text value of a prediction SEG written from dummy UIDs and ids onto a real test image's grid."""
+    import pydicom
+
+    from tasks.dicom.seg import write_prediction_seg
+
+    geometry = next(iter(json.loads((repo / "data/preprocessed/segment/test_geometry.json").read_text()).values()))
+    n = len(geometry["sop_instance_uids"])
+    dummy = {**geometry, "patient_id": "DUMMY", "sop_instance_uids": [f"1.2.3.{i + 1}" for i in range(n)],
+             "series_instance_uid": "1.2.3.100", "study_instance_uid": "1.2.3.200",
+             "frame_of_reference_uid": "1.2.3.300"}
+    shape = (geometry["rows"], geometry["columns"]) if n == 1 else (n, geometry["rows"], geometry["columns"])
+    path = write_prediction_seg(dummy, np.ones(shape, np.uint8), ["lung", "lesion"], tmp / "blank.dcm",
+                                algorithm_name="medpipe unet", algorithm_version="0")  # fmt: skip
+    found = set()
+    for elem in pydicom.dcmread(path).iterall():
+        if elem.VR not in ("SQ", "OB", "OW", "UN"):
+            raw = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
+            found |= {str(v).strip() for v in raw}
+    return found
+
+
+def test_no_identifying_value_reaches_the_segmentation_outputs(repo, result, tmp_path_factory):
     """The PHI scan of test_pipeline.py over what the segmentation task adds: the ingested masks and geometry, its
     tensors, the predicted masks (npz and DICOM SEG), reports, the exported packages and the MLflow store."""
     from tasks.config import load_params
@@ -118,6 +140,10 @@ def test_no_identifying_value_reaches_the_segmentation_outputs(repo, result):
     pseudo = Pseudonymizer.from_params(load_params(repo / "params.yaml").ingest.deid)
     values = _identifying_values(repo / "data/synthetic/dicom", pseudo)
     assert len(values) > 100, "the cohort should carry names, ids, UIDs and dates to look for"
+    # the cohort's SEGs and the predicted ones are both written by highdicom: text it writes into every SEG
+    # (e.g. the contributing equipment's purpose, "Software library used to create this instance") is the software's,
+    # not a patient's; found by writing a SEG from a geometry whose every UID and id is a dummy
+    values -= _writer_constants(repo, tmp_path_factory.mktemp("blank"))
     outputs = [p for d in ("data/ingested/masks", "data/ingested/geometry", "data/preprocessed/segment",
                            "models/segment", "reports/segment", "mlflow")
                for p in (repo / d).rglob("*") if p.is_file()]  # fmt: skip
