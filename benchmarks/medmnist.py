@@ -122,15 +122,30 @@ def timed_steps(
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True)
-    loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(0)
     bs = min(tp.batch_size, len(y))
+
+    def batch():
+        idx = torch.randint(0, len(y), (bs,), generator=gen)
+        xb = augment_batch(x[idx], gen, tp.augmentation) if recipe_work and tp.augment else x[idx]
+        return xb.to(device).contiguous(memory_format=fmt), y[idx].to(device)
+
+    return time_loop(model, opt, ema, torch.nn.CrossEntropyLoss(), batch, bs, device, steps, warmup)
+
+
+def time_loop(model, opt, ema, loss_fn, batch, bs: int, device, steps: int, warmup: int) -> dict[str, Any]:
+    """Time ``warmup + steps`` bare training steps (the last ``steps`` count), per phase: ``batch()`` (gather and
+    augmentation, returning inputs and targets on the device), forward + loss, backward, optimiser step + EMA update.
+
+    Returns:
+        ``{"samples_per_s": float, "ms": {"data", "forward", "backward", "optimizer"}}`` (ms per step).
+    """
+    import torch
+
     totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        idx = torch.randint(0, len(y), (bs,), generator=gen)
-        xb = augment_batch(x[idx], gen, tp.augmentation) if recipe_work and tp.augment else x[idx]
-        xb, yb = xb.to(device).contiguous(memory_format=fmt), y[idx].to(device)
+        xb, yb = batch()
         t1 = time.perf_counter()
         loss = loss_fn(model(xb), yb)
         t2 = time.perf_counter()

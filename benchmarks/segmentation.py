@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.medmnist import _mean_or_none, check_data_hash, mean_sd, parse_sets  # noqa: E402
+from benchmarks.medmnist import _mean_or_none, check_data_hash, mean_sd, parse_sets, time_loop  # noqa: E402
 from tasks.config import Params, load_params, read_yaml  # noqa: E402
 
 RECIPE = Path(__file__).with_name("seg_recipe.yaml")
@@ -159,30 +159,15 @@ def timed_seg_steps(params: Params, data_dir: Path, steps: int = 30, warmup: int
                          label_smoothing=tp.label_smoothing, batch=tp.seg.batch_dice)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     bs = min(tp.batch_size, len(x))
-    totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
-    for step in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def batch():
         idx = torch.randint(0, len(x), (bs,), generator=gen)
         xb, mb = x[idx], m[idx]
         if tp.augment:
             xb, mb = augment_batch(xb, gen, tp.augmentation, masks=mb)
-        xb, mb = xb.to(device), mb.long().unsqueeze(1).to(device)
-        t1 = time.perf_counter()
-        loss = loss_fn(model(xb), mb)
-        t2 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        t3 = time.perf_counter()
-        opt.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t4 = time.perf_counter()
-        if step >= warmup:
-            for k, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                totals[k] += dt
-    return {"samples_per_s": bs * steps / sum(totals.values()), "ms": {k: 1000 * v / steps for k, v in totals.items()}}
+        return xb.to(device), mb.long().unsqueeze(1).to(device)
+
+    return time_loop(model, opt, ema, loss_fn, batch, bs, device, steps, warmup)
 
 
 def pipeline_samples_per_s(history: list[dict[str, float]]) -> float:
