@@ -103,7 +103,7 @@ def timed_steps(
     import torch
 
     from tasks.models.augment import augment_batch
-    from tasks.models.fit import configure_torch
+    from tasks.models.fit import autocast_context, configure_torch
     from tasks.models.networks import ModelSpec, build_model
 
     meta = json.loads((data_dir / "meta.json").read_text())
@@ -130,24 +130,33 @@ def timed_steps(
         xb = augment_batch(x[idx], gen, tp.augmentation) if recipe_work and tp.augment else x[idx]
         return xb.to(device).contiguous(memory_format=fmt), y[idx].to(device)
 
-    return time_loop(model, opt, ema, torch.nn.CrossEntropyLoss(), batch, bs, device, steps, warmup)
+    return time_loop(model, opt, ema, torch.nn.CrossEntropyLoss(), batch, bs, device, steps, warmup,
+                     autocast=autocast_context(tp.precision, device))  # fmt: skip
 
 
-def time_loop(model, opt, ema, loss_fn, batch, bs: int, device, steps: int, warmup: int) -> dict[str, Any]:
+def time_loop(model, opt, ema, loss_fn, batch, bs: int, device, steps: int, warmup: int,
+              autocast=None) -> dict[str, Any]:  # fmt: skip
     """Time ``warmup + steps`` bare training steps (the last ``steps`` count), per phase: ``batch()`` (gather and
     augmentation, returning inputs and targets on the device), forward + loss, backward, optimiser step + EMA update.
+    ``autocast``: the forward's context factory (:func:`tasks.models.fit.autocast_context`, as the trainer uses it;
+    None: float32); the loss takes float32 logits, as in the trainer.
 
     Returns:
         ``{"samples_per_s": float, "ms": {"data", "forward", "backward", "optimizer"}}`` (ms per step).
     """
+    import contextlib
+
     import torch
 
+    autocast = autocast or contextlib.nullcontext
     totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
     for step in range(warmup + steps):
         t0 = time.perf_counter()
         xb, yb = batch()
         t1 = time.perf_counter()
-        loss = loss_fn(model(xb), yb)
+        with autocast():
+            logits = model(xb)
+        loss = loss_fn(logits.float(), yb)
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()

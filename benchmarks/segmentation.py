@@ -22,7 +22,8 @@ evaluate logs to it); the parent gets the mean figures.
 
 Throughput: ``samples_per_s`` is the train stage's own (history, training passes only), mean over the epochs after
 the first (the first pays for allocation); ``bare_loop_samples_per_s`` is a bare PyTorch loop with the same work per
-step (:func:`timed_seg_steps`) in the same process right after training; the ratio is the pipeline's overhead.
+step (:func:`timed_seg_steps`) in the same process, the mean of a timing right before and one right after training
+(the machine's speed drifts over a split); the ratio is the pipeline's overhead.
 ``--limit N`` keeps the first N ids of each split file (a view of the folder, for smoke runs).
 """
 
@@ -125,9 +126,10 @@ def timed_seg_steps(params: Params, data_dir: Path, steps: int = 30, warmup: int
 
     The same network (:func:`tasks.train.model_spec` -> :func:`tasks.models.networks.build_model`), MONAI
     ``DiceCELoss`` with the recipe's weights, AdamW, batch size, the pipeline's augmentation call
-    (:func:`tasks.models.augment.augment_batch` with the masks) and EMA update (when ``train.ema`` > 0), on the
-    same preprocessed tensors (``train_x.npy`` float32 (N, C, *S), ``train_m.npy`` (N, *S)); nothing else (no LR
-    scheduler, progress bar, loss read-back, validation, checkpoint or tracking).
+    (:func:`tasks.models.augment.augment_batch` with the masks), EMA update (when ``train.ema`` > 0) and precision
+    (``train.precision``: the same autocast), on the same preprocessed tensors (``train_x.npy`` float32 (N, C, *S),
+    ``train_m.npy`` (N, *S)); nothing else (no LR scheduler, progress bar, loss read-back, validation, checkpoint or
+    tracking).
 
     Returns:
         ``{"samples_per_s": float, "ms": {"data", "forward", "backward", "optimizer"}}`` (ms per step; "data" is the
@@ -138,7 +140,7 @@ def timed_seg_steps(params: Params, data_dir: Path, steps: int = 30, warmup: int
     from monai.losses import DiceCELoss
 
     from tasks.models.augment import augment_batch
-    from tasks.models.fit import configure_torch
+    from tasks.models.fit import autocast_context, configure_torch
     from tasks.models.networks import build_model
     from tasks.train import model_spec
 
@@ -167,7 +169,8 @@ def timed_seg_steps(params: Params, data_dir: Path, steps: int = 30, warmup: int
             xb, mb = augment_batch(xb, gen, tp.augmentation, masks=mb)
         return xb.to(device), mb.long().unsqueeze(1).to(device)
 
-    return time_loop(model, opt, ema, loss_fn, batch, bs, device, steps, warmup)
+    return time_loop(model, opt, ema, loss_fn, batch, bs, device, steps, warmup,
+                     autocast=autocast_context(tp.precision, device))  # fmt: skip
 
 
 def pipeline_samples_per_s(history: list[dict[str, float]]) -> float:
@@ -176,17 +179,16 @@ def pipeline_samples_per_s(history: list[dict[str, float]]) -> float:
     return statistics.fmean(values[1:] if len(values) > 1 else values)
 
 
-def run_split(args: argparse.Namespace, base: dict[str, Any], data: Path, work: Path, k: int,
-              source_hash: str) -> dict[str, Any]:  # fmt: skip
-    """Ingest, preprocess, train and evaluate split ``k`` in ``work/split{k}``; returns its per-split figures.
+def prepare_split(p: Params, data: Path, out: Path) -> tuple[Any, Any, Path]:
+    """Ingest split ``p.ingest.folder_split`` of the folder ``data`` into ``out/ingested`` and preprocess it (kind
+    segmentation) into ``out/preprocessed``: what every benchmark of the folder trains and scores on.
 
-    ``source_hash`` (the folder's :func:`tasks.provenance.file_hash`) is tagged on the split's run.
+    Returns:
+        (ingest result, preprocess result, the preprocessed folder).
     """
-    from tasks import evaluate, ingest, preprocess, provenance, tracking, train
+    from tasks import ingest, preprocess
 
-    p = split_params(base, k)
-    out = work / f"split{k}"
-    t_split = time.perf_counter()
+    k = p.ingest.folder_split
     print(f"\n== split {k}: ingest {data} (train{k}.txt -> train/val, val{k}.txt -> test)", flush=True)
     ing = ingest.run(p.ingest, out / "ingested", class_names=None, split_seed=p.base.split_seed, input_path=data,
                      progress=True)  # fmt: skip
@@ -194,11 +196,30 @@ def run_split(args: argparse.Namespace, base: dict[str, Any], data: Path, work: 
     pre_dir = out / "preprocessed"
     pre = preprocess.run(p.preprocess, out / "ingested", pre_dir, class_names=None, positive_class=0,
                          kind="segmentation")  # fmt: skip
+    return ing, pre, pre_dir
+
+
+def run_split(args: argparse.Namespace, base: dict[str, Any], data: Path, work: Path, k: int,
+              source_hash: str) -> dict[str, Any]:  # fmt: skip
+    """Ingest, preprocess, train and evaluate split ``k`` in ``work/split{k}``; returns its per-split figures.
+
+    ``source_hash`` (the folder's :func:`tasks.provenance.file_hash`) is tagged on the split's run.
+    """
+    from tasks import evaluate, provenance, tracking, train
+
+    p = split_params(base, k)
+    out = work / f"split{k}"
+    t_split = time.perf_counter()
+    ing, pre, pre_dir = prepare_split(p, data, out)
     data_hash = provenance.file_hash(pre_dir)
     prep_s = time.perf_counter() - t_split
     print(f"split {k}: {pre.counts} images {pre.meta['input_shape']}, masks {ing.summary.get('images_with_mask')}, "
           f"quarantined {ing.summary['quarantined']}; ingest + preprocess {prep_s:.0f} s; "
           f"training {p.train.epochs} epochs of {p.train.arch} {list(p.train.seg.channels)}", flush=True)
+    bare_before = None
+    if args.bare_steps > 0:  # timed before and after training: the mean cancels a drift of the machine's speed
+        print(f"split {k}: bare PyTorch loop, {args.bare_steps} steps (before training)", flush=True)
+        bare_before = timed_seg_steps(p, pre_dir, steps=args.bare_steps)
     info = train.RunInfo(p.base.experiment, p.base.dataset, p.base.sweep, p.base.seed)
     t = time.perf_counter()
     tr = train.run(p.train, pre_dir, out / "model", out / "ckpt", out / "history.csv", out / "ingested/summary.json",
@@ -214,11 +235,13 @@ def run_split(args: argparse.Namespace, base: dict[str, Any], data: Path, work: 
     details = json.loads((out / "evaluate/details.json").read_text())
     hd = f"hd{p.evaluate.seg.hd_percentile:g}"
     sps = pipeline_samples_per_s(tr.history)
-    bare = breakdown = None
-    if args.bare_steps > 0:
-        print(f"split {k}: bare PyTorch loop, {args.bare_steps} steps", flush=True)
-        timed = timed_seg_steps(p, pre_dir, steps=args.bare_steps)
-        bare, breakdown = timed["samples_per_s"], timed["ms"]
+    bare = breakdown = bare_runs = None
+    if bare_before is not None:
+        print(f"split {k}: bare PyTorch loop, {args.bare_steps} steps (after training)", flush=True)
+        after = timed_seg_steps(p, pre_dir, steps=args.bare_steps)
+        bare_runs = [bare_before["samples_per_s"], after["samples_per_s"]]
+        bare = statistics.fmean(bare_runs)
+        breakdown = {ph: (bare_before["ms"][ph] + after["ms"][ph]) / 2 for ph in after["ms"]}
     row = {
         "split": k, "run_id": tr.run_id, "data_hash": recorded, "counts": pre.counts,
         "dice": metrics["test_dice"], "iou": metrics["test_iou"], "hd95": metrics[f"test_{hd}"],
@@ -228,7 +251,8 @@ def run_split(args: argparse.Namespace, base: dict[str, Any], data: Path, work: 
         "dice_ci": [ev.metrics.get("test_dice_ci_low"), ev.metrics.get("test_dice_ci_high")],
         "hd95_unit": details.get("units", {}).get(hd),
         "minutes": split_s / 60, "train_minutes": train_s / 60, "prep_minutes": prep_s / 60,
-        "samples_per_s": sps, "bare_loop_samples_per_s": bare, "step_breakdown_ms": breakdown,
+        "samples_per_s": sps, "bare_loop_samples_per_s": bare, "bare_loop_runs": bare_runs,
+        "step_breakdown_ms": breakdown,
         "selected_epoch": tr.best_epoch, "epochs": p.train.epochs, "val_dice": tr.val_metrics.get("val_dice"),
     }  # fmt: skip
     speed = f"{row['minutes']:.1f} min (train {row['train_minutes']:.1f}), {sps:.1f} samples/s"

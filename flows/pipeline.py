@@ -78,7 +78,7 @@ def check_params(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """Validate the whole params.yaml with the overrides applied, before DVC decides anything.
 
     Raises:
-        tasks.config.ParamsError: naming the file, every offending dotted key and the expected form.
+        tasks.schema.ParamsError: naming the file, every offending dotted key and the expected form.
     """
     from tasks.config import load_params
 
@@ -289,7 +289,7 @@ def pipeline(
         intervals and what promote registered.
 
     Raises:
-        tasks.config.ParamsError: params.yaml with the overrides does not match the schema (nothing has run).
+        tasks.schema.ParamsError: params.yaml with the overrides does not match the schema (nothing has run).
     """
     root = Path(repo).resolve()
     named = {"ingest.input": input_path, "ingest.labels_csv": labels_csv, "train.family": family,

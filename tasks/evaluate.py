@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from tasks import tracking
-from tasks.config import EvaluateParams
 from tasks.evaluate_files import DETAILS_FILE, METRICS_FILE, EvaluateResult, prepare_output
 from tasks.metrics import METRIC_NAMES, bootstrap_ci, classification_metrics, predict_labels
+from tasks.schema import EvaluateParams
 
 
 def curves(y: np.ndarray, proba: np.ndarray, positive_class: int) -> tuple[list[dict], list[dict]]:

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from tasks import tracking
-from tasks.config import EvaluateParams
 from tasks.evaluate_files import DETAILS_FILE, METRICS_FILE, EvaluateResult, prepare_output
 from tasks.metrics import bootstrap_mean_ci
+from tasks.schema import EvaluateParams
 
 # metrics.json (and the printed summary): the model-resolution figures, Dice on the original grids, detection
 HEADLINE = ("dice", "iou", "hd95", "surface_dice", "dice_original", "ap50", "ap30", "sens_at_1fp")

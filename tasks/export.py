@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks import tracking
-from tasks.config import ExportParams
 from tasks.coreml import convert as coreml
 from tasks.models.networks import ModelSpec, weights_hash
+from tasks.schema import ExportParams
 
 if TYPE_CHECKING:
     import torch

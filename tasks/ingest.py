@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import IngestParams
 from tasks.dicom.pseudonym import Pseudonymizer
+from tasks.schema import IngestParams
 from tasks.sources.labels import read_labels
 from tasks.sources.records import ImageRecord
 

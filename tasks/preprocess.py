@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import PreprocessParams
+from tasks.schema import PreprocessParams
 from tasks.spatial import ORIGINAL_MASKS, TEST_GEOMETRY, seg_spatial
 
 SPLITS = ("train", "val", "test")

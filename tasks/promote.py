@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import provenance, tracking
-from tasks.config import PromoteParams
+from tasks.schema import PromoteParams
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,12 @@ def decide(value: float, champion: str | None, champion_value: float | None, gre
     return (tracking.CHAMPION if better else tracking.CHALLENGER), (
         f"{metric} {value:.4f} {relation} champion v{champion} ({champion_value:.4f})"
     )
+
+
+def recorded(value: float) -> float:
+    """``value`` as a version tag records it (6 significant digits): what the next promotion compares with, so a
+    candidate is compared at the same precision (0.9445942... would otherwise "beat" its own recorded 0.944594)."""
+    return float(f"{value:.6g}")
 
 
 def version_tags(metric: str, val: dict[str, float], test: dict[str, float], record: dict[str, Any],
@@ -142,7 +148,7 @@ def run(pp: PromoteParams, model_dir: Path, export_dir: Path, metrics_path: Path
 
     champion = tracking.alias_version(name, tracking.CHAMPION)
     champion_value = tracking.champion_metric(name, metric) if champion else None
-    alias, reason = decide(val[metric], champion, champion_value, pp.greater_is_better, metric)
+    alias, reason = decide(recorded(val[metric]), champion, champion_value, pp.greater_is_better, metric)
     experiment = os.environ.get("DVC_EXP_NAME")
     if experiment and alias == tracking.CHAMPION:  # overrides are trials: what is committed becomes the champion
         alias, reason = tracking.CHALLENGER, (f"DVC experiment {experiment}: experiments never take @champion "

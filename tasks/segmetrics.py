@@ -174,43 +174,6 @@ def segmentation_metrics(
     return cases, means
 
 
-def bootstrap_case_ci(cases: Sequence[dict[str, float]], keys: Sequence[str], groups: Sequence[str] | None, n: int,
-                      ci: float, seed: int) -> dict[str, tuple[float, float]]:
-    """Percentile CIs of per-case means, resampling groups (patients; images when ``groups`` is None).
-
-    The resampling scheme of :func:`tasks.metrics.bootstrap_ci` (which computes classification metrics only): draw
-    as many groups as there are, with replacement, take all their cases, average; NaN values (an undefined HD95)
-    are left out of each resample's mean.
-
-    Args:
-        cases: the per-case table of :func:`segmentation_metrics`. keys: columns, e.g. ``["dice", "dice_lesion"]``.
-        groups: (N,) patient id per case, or None. n: resamples (0: NaN bounds). ci: coverage, e.g. 0.95.
-        seed: the resampling's own seed.
-    """
-    if n == 0 or not cases:
-        return {k: (float("nan"), float("nan")) for k in keys}
-    groups = list(groups) if groups is not None else list(range(len(cases)))
-    _, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(inverse.max() + 1)]
-    table = np.array([[r[k] for k in keys] for r in cases], dtype=float)
-    rng = np.random.default_rng(seed)
-    samples = np.empty((n, len(keys)))
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for b in range(n):
-            idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-            samples[b] = np.nanmean(table[idx], axis=0)
-    alpha = (1 - ci) / 2
-    out = {}
-    for j, k in enumerate(keys):
-        s = samples[:, j][~np.isnan(samples[:, j])]
-        out[k] = (float(np.quantile(s, alpha)), float(np.quantile(s, 1 - alpha))) if len(s) else (
-            float("nan"), float("nan"))
-    return out
-
-
 # -- detection ---------------------------------------------------------------------------------------------------
 class LesionInstance(NamedTuple):
     """One detected (or true) lesion.

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import SynthParams
+from tasks.schema import SynthParams
 
 FAMILY = (
     "SMITH JOHNSON WILLIAMS BROWN JONES GARCIA MILLER DAVIS RODRIGUEZ MARTINEZ HERNANDEZ LOPEZ WILSON "

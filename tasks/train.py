@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from tasks import provenance, tracking
-from tasks.config import BaseParams, TrainParams
 from tasks.models.fit import CHECKPOINT, Splits, TorchFit, configure_torch, fit_svm
 from tasks.models.networks import ModelSpec, weights_hash
+from tasks.schema import BaseParams, TrainParams
 
 PROVENANCE = "provenance.json"
 ENTRY_POINT = "tasks/train.py"  # the run's source in MLflow (with the git commit)

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from tasks.config import AugmentParams, Params
+from tasks.config import Params
 from tasks.models.augment import augment_batch
+from tasks.schema import AugmentParams
 
 SHAPES = {"2d": (16, 1, 16, 16), "3d": (8, 2, 8, 10, 12)}  # (B, C, *S); 3D with 2 channels and unequal axes
 OFF = {"flip_prob": 0.0, "affine_prob": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,14 @@ def test_tiny_folder_end_to_end(disk_folder: Path, tmp_path: Path, monkeypatch: 
     assert children[0].data.tags["source_data_hash"] == res["data_hash"]
     parent = tracking.sweep_parent("segmentation-benchmark", res["sweep"], create=False)
     assert tracking.client().get_run(parent).data.metrics["dice_mean"] == pytest.approx(res["dice_mean"])
+    # the interleaved overhead timing on the split's preprocessed tensors
+    from benchmarks import overhead
+
+    ab = tmp_path / "overhead.json"
+    overhead.main(["--data", str(tmp_path / "work/split1/preprocessed"), "--steps", "2", "--rounds", "3",
+                   "--set", "train.batch_size=4", "--set", "train.seg.channels=[4, 8, 16]", "--out", str(ab)])
+    timed = json.loads(ab.read_text())
+    assert len(timed["pipeline_samples_per_s"]) == len(timed["bare_samples_per_s"]) == 3
+    assert timed["ratio"] == pytest.approx(
+        statistics.median(timed["pipeline_samples_per_s"]) / statistics.median(timed["bare_samples_per_s"]))
+    assert (timed["steps"], timed["batch_size"]) == (2, 4)

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 
 from tasks import ingest
-from tasks.config import DeidParams, load_params
+from tasks.config import load_params
 from tasks.dicom import DicomError, DicomImage, read_dicom
 from tasks.dicom.decode import NOTE_JPEG12_GDCM, NOTE_MODALITY_LUT
 from tasks.dicom.load import NOTE_GZIP
@@ -29,6 +29,7 @@ from tasks.dicom.profile import deidentify
 from tasks.dicom.pseudonym import Pseudonymizer
 from tasks.dicom.read import NOTE_PHOTOMETRIC
 from tasks.dicom.sanity import SanityLimits
+from tasks.schema import DeidParams
 from tasks.sources.dicom_folder import _read_one
 from tests._dicom_cases import MADE, make_all
 

@@ -16,7 +16,6 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tasks.config import DeidParams
 from tasks.dicom import (
     CT_IMAGE_STORAGE,
     REASONS,
@@ -30,6 +29,7 @@ from tasks.dicom import (
 )
 from tasks.dicom.profile import deidentify
 from tasks.dicom.pseudonym import Pseudonymizer
+from tasks.schema import DeidParams
 from tasks.sources import dicom_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from tasks import export, tracking
-from tasks.config import ExportParams, load_params
+from tasks.config import load_params
 from tasks.coreml import convert as coreml
 from tasks.models.networks import ModelSpec, weights_hash
+from tasks.schema import ExportParams
 from tests._fake import PROVENANCE, SPEC_2D, make_trained
 
 REPO = Path(__file__).resolve().parents[1]

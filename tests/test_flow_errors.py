@@ -172,9 +172,9 @@ TRAIN_CMD = ("python -m tasks.train --params params.yaml --task classify --input
         (  # a traceback: its exception line(s), not the frames; a multi-line message is kept whole
             ["Running stage 'train':", f"> {TRAIN_CMD}", "epoch 1/3: loss 0.7", "Traceback (most recent call last):",
              '  File "/r/tasks/train.py", line 9, in <module>', "    main()",
-             "tasks.config.ParamsError: params.yaml: invalid params:", "  train.lr: Input should be greater than 0",
+             "tasks.schema.ParamsError: params.yaml: invalid params:", "  train.lr: Input should be greater than 0",
              f"ERROR: failed to reproduce 'train': failed to run: {TRAIN_CMD}, exited with 1"],
-            "train", ["tasks.config.ParamsError: params.yaml: invalid params:",
+            "train", ["tasks.schema.ParamsError: params.yaml: invalid params:",
                       "  train.lr: Input should be greater than 0", f"failed to run: {TRAIN_CMD}, exited with 1"],
             False,
         ),

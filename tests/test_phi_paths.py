@@ -149,7 +149,7 @@ def test_the_default_local_report_is_git_ignored_and_no_dvc_output() -> None:
     """The default lies under reports/ (git-ignored: /reports/*) and no stage of dvc.yaml declares it."""
     import subprocess
 
-    from tasks.config import IngestParams
+    from tasks.schema import IngestParams
     from tests.conftest import REPO
 
     default = IngestParams().local_report

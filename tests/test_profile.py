@@ -6,9 +6,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tasks.config import DeidParams
 from tasks.dicom.profile import action_for, audit_counts, deidentify
 from tasks.dicom.pseudonym import Pseudonymizer
+from tasks.schema import DeidParams
 
 PSEUDO = Pseudonymizer.from_params(DeidParams(), environ={"MEDPIPE_DEID_SECRET": "s3cret"})
 

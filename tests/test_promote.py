@@ -139,6 +139,14 @@ def test_version_tags_are_few(metric: str, test: dict[str, float], expected: dic
     assert len(tags) <= tracking.MAX_VERSION_TAGS
 
 
+def test_an_equal_value_does_not_beat_its_recorded_tag() -> None:
+    recorded, decide = promote.recorded, promote.decide
+    value = 0.9445942569587191  # a segmenter's val_dice; its version tag says 0.944594
+    assert recorded(value) == 0.944594 and value > recorded(value)
+    assert decide(recorded(value), "2", recorded(value), True, "val_dice")[0] == "challenger"
+    assert decide(recorded(value + 1e-5), "2", recorded(value), True, "val_dice")[0] == "champion"
+
+
 @pytest.mark.parametrize(
     ("value", "champion", "champion_value", "greater", "alias"),
     [

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from tasks.config import DeidParams
 from tasks.dicom.pseudonym import DEVELOPMENT_SOURCE, PATIENT_ID_FROM, Pseudonymizer, patient_key
+from tasks.schema import DeidParams
 
 
 def _pz(secret: str | None = "s3cret", **params) -> Pseudonymizer:

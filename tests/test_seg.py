@@ -14,10 +14,10 @@ import pydicom
 import pytest
 
 from tasks import synth
-from tasks.config import SynthParams
 from tasks.dicom.pseudonym import Pseudonymizer
 from tasks.dicom.rtstruct import RtStructError, read_rtstruct
 from tasks.dicom.seg import RTSTRUCT_STORAGE, SEG_STORAGE, read_seg, write_prediction_seg, write_seg
+from tasks.schema import SynthParams
 from tasks.sources.dicom_folder import collect_dicom
 
 CLASSES = ["lung", "lesion"]

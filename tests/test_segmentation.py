@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import AugmentParams, Params, TrainParams, load_params
+from tasks.config import Params, load_params
 from tasks.models.augment import augment_batch
 from tasks.models.fit import FitState, Splits, configure_torch
 from tasks.models.networks import ModelSpec, build_model, predict_seg_proba
-from tasks.models.segfit import SegFit, seg_model_spec
+from tasks.models.segfit import SegFit, crop_patches, seg_model_spec
+from tasks.schema import AugmentParams, TrainParams
 from tasks.segmetrics import (
-    bootstrap_case_ci,
     detection_metrics,
     dice_per_class,
     lesion_instances,
@@ -241,6 +241,73 @@ def test_segfit_3d_validates_with_a_sliding_window(tmp_path: Path) -> None:
     assert state.best_val["val_loss"] == min(r["val_loss"] for r in state.history)
 
 
+def test_bf16_precision_runs_the_forward_in_bfloat16_and_learns(disk_data: Splits, tmp_path: Path) -> None:
+    job = _job(_seg_train_params(precision="bf16"), disk_data, tmp_path)
+    dtypes: set[torch.dtype] = set()
+    job.model.register_forward_hook(lambda mod, inp, out: dtypes.add(out.dtype))
+    state = job.fit(0, lambda rec: None, {})
+    assert torch.bfloat16 in dtypes  # the training forwards ran under autocast
+    assert all(v.dtype == torch.float32 for v in state.best_state.values() if v.is_floating_point())
+    assert state.best_val["val_dice"] > 0.7, state.best_val
+
+
+def test_voxel_accuracy_is_the_argmax_rule() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 3, (4, 1, 16, 16), generator=gen)
+    job = SegFit.__new__(SegFit)  # correct() reads nothing of the job
+    expected = float((logits.argmax(1) == target[:, 0]).float().mean()) * 4
+    assert job.correct(logits, target) == pytest.approx(expected)
+
+
+def test_patches_crop_image_and_mask_alike_and_find_the_foreground() -> None:
+    masks = torch.zeros(6, 16, 32, 32, dtype=torch.uint8)
+    masks[:5, 10:13, 20:24, 4:8] = 1  # a small lesion; the last volume has none
+    x = torch.rand(6, 1, 16, 32, 32) * 0.5 + masks.unsqueeze(1).float()  # the image shows its mask
+    xp, mp = crop_patches(x, masks, (8, 16, 16), pos_fraction=1.0, gen=torch.Generator().manual_seed(0))
+    assert xp.shape == (6, 1, 8, 16, 16) and mp.shape == (6, 8, 16, 16) and mp.dtype == torch.uint8
+    assert type(xp) is torch.Tensor and type(mp) is torch.Tensor  # no MONAI MetaTensor into the training step
+    assert torch.equal((xp[:, 0] >= 1).to(torch.uint8), mp)  # the same crop of image and mask
+    assert all(bool(mp[i].any()) for i in range(5))  # pos_fraction 1: every patch holds lesion voxels
+    assert not mp[5].any()  # no foreground: a crop anywhere, no error
+    again = crop_patches(x, masks, (8, 16, 16), pos_fraction=1.0, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], xp)  # seeded by the job's generator: reproducible
+    none = crop_patches(x, masks, (8, 16, 16), pos_fraction=0.0, gen=torch.Generator().manual_seed(0))[1]
+    assert int(none.sum()) < int(mp.sum())  # background-centred crops mostly miss the small lesion
+
+
+@pytest.mark.slow
+def test_segfit_3d_trains_on_patches_and_validates_whole_volumes(tmp_path: Path) -> None:
+    masks = _shapes(6, (16, 32, 32)).long()
+    x = (masks.float() / 2).unsqueeze(1)
+    y = torch.zeros(6, dtype=torch.long)
+    data = Splits(x[:4], y[:4], x[4:], y[4:], {}, train_m=masks[:4], val_m=masks[4:])
+    over = {"epochs": 2, "batch_size": 2, "ema": 0.9, "num_threads": 2,
+            "seg": {"channels": [8, 16], "patch_size": [8, 16, 16]}}
+    tp = load_params(REPO / "params.yaml", {"tasks.segment.preprocess.spatial_size": [16, 32, 32],
+                                            **{f"tasks.segment.train.{k}": v for k, v in over.items()}},
+                     task="segment").train  # fmt: skip
+    meta = {"spatial_dims": 3, "input_shape": [1, 16, 32, 32], "num_classes": 3,
+            "class_names": ["background", "lung", "lesion"]}  # fmt: skip
+    spec = seg_model_spec(tp, meta)
+    assert spec.roi_size == (8, 16, 16)  # validation and inference window = the training patch
+    job = SegFit(tp, spec, data, 0, 0, configure_torch(0, tp), tmp_path, "fingerprint")
+    xb, mb = job.batch(torch.arange(2))
+    assert xb.shape == (2, 1, 8, 16, 16) and mb.shape == (2, 1, 8, 16, 16)
+    state = job.fit(0, lambda rec: None, {})
+    assert len(state.history) == 2 and np.isfinite(state.history[-1]["val_dice"])
+
+
+def test_patch_larger_than_the_image_fails_naming_the_key() -> None:
+    from tasks.config import ParamsError
+
+    over = {"tasks.segment.train.seg.patch_size": [96, 96]}  # the segment task preprocesses to 128x128: fine
+    load_params(REPO / "params.yaml", over, task="segment")
+    with pytest.raises(ParamsError, match=r"tasks\.segment\.train\.seg\.patch_size"):
+        load_params(REPO / "params.yaml", {"tasks.segment.train.seg.patch_size": [96, 256]}, task="segment")
+    with pytest.raises(ParamsError, match=r"tasks\.segment\.train\.seg\.patch_size"):
+        load_params(REPO / "params.yaml", {"tasks.segment.train.seg.patch_size": [8, 64, 64]}, task="segment")
+
+
 def test_segfit_refuses_a_classification_select_metric(disk_data: Splits, tmp_path: Path) -> None:
     tp = _seg_train_params().model_copy(update={"select_metric": "auc"})
     with pytest.raises(ValueError, match="train.select_metric"):
@@ -292,12 +359,16 @@ def test_empty_class_conventions() -> None:
 
 
 def test_bootstrap_over_groups() -> None:
-    cases = [{"dice": v} for v in (0.2, 0.4, 0.6, 0.8)]
-    flat = bootstrap_case_ci([{"dice": 0.5}] * 4, ["dice"], None, 200, 0.95, 0)
-    assert flat["dice"] == (0.5, 0.5)
-    ci = bootstrap_case_ci(cases, ["dice"], ["a", "a", "b", "b"], 200, 0.95, 0)
+    """The per-case CIs evaluate_seg reports: tasks.metrics.bootstrap_mean_ci, resampling patients."""
+    from tasks.metrics import bootstrap_mean_ci
+
+    assert bootstrap_mean_ci(np.full(4, 0.5), ["0", "1", "2", "3"], 200, 0.95, 0) == (0.5, 0.5)
+    lo, hi = bootstrap_mean_ci(np.array([0.2, 0.4, 0.6, 0.8]), ["a", "a", "b", "b"], 200, 0.95, 0)
     # two patients: every resample is patient a's mean, b's mean, or their average
-    assert ci["dice"][0] == pytest.approx(0.3) and ci["dice"][1] == pytest.approx(0.7)
+    assert lo == pytest.approx(0.3) and hi == pytest.approx(0.7)
+    # an undefined value (NaN HD95) is left out of the mean, not counted as 0
+    lo, hi = bootstrap_mean_ci(np.array([1.0, np.nan, 1.0]), ["a", "b", "c"], 200, 0.95, 0)
+    assert (lo, hi) == (1.0, 1.0)
 
 
 # -- detection -----------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tasks.config import SeriesParams
 from tasks.dicom import DicomImage, SourceIds
 from tasks.dicom.series import SERIES_REASONS, SeriesError, orientation_of, select_series, stack_series
+from tasks.schema import SeriesParams
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # normal +y

@@ -12,8 +12,8 @@ import pydicom
 import pytest
 
 from tasks import synth
-from tasks.config import SynthParams
 from tasks.dicom import CT_IMAGE_STORAGE, read_dicom
+from tasks.schema import SynthParams
 
 
 def _digests(root: Path) -> dict[str, str]:

@@ -33,8 +33,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from tasks.config import DeidParams
 from tasks.dicom.pseudonym import Pseudonymizer
+from tasks.schema import DeidParams
 
 PROFILE_TABLE = "dicomfields_2026c"
 _RESOLVE = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "D", "X_Z_TAGS": "Z",

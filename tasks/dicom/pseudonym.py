@@ -31,7 +31,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tasks.config import DeidParams
+from tasks.schema import DeidParams
 
 DEVELOPMENT_SECRET = "medpipe-development-secret--not-for-real-data"
 DEVELOPMENT_SOURCE = "development-default"

@@ -19,7 +19,7 @@ import numpy as np
 from tasks.dicom import DicomImage
 
 if TYPE_CHECKING:
-    from tasks.config import SeriesParams
+    from tasks.schema import SeriesParams
 
 # Stable reason codes: they end up in quarantine.csv, so only ever add to this set.
 SERIES_REASONS = (

@@ -19,7 +19,7 @@ from typing import overload
 
 import torch
 
-from tasks.config import AugmentParams
+from tasks.schema import AugmentParams
 
 
 def _rotation(angles: torch.Tensor, spatial_dims: int) -> torch.Tensor:

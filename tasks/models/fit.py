@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import TrainParams
 from tasks.models.networks import ModelSpec
+from tasks.schema import TrainParams
 
 CHECKPOINT = "last.pt"
 
@@ -79,6 +79,29 @@ def configure_torch(seed: int, tp: TrainParams):
     return torch.device("cuda" if tp.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
 
 
+def bf16_native() -> bool:
+    """Whether this CPU runs bfloat16 matmuls/convolutions natively (AVX512-BF16 or AMX), per oneDNN."""
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def autocast_context(precision: str, device) -> Callable[[], Any]:
+    """A factory of the training forward's context: ``torch.autocast(bfloat16)`` for ``train.precision: bf16``, a
+    no-op for ``fp32``. Warns once when bf16 is asked for on a CPU that only emulates it (slower than fp32)."""
+    import contextlib
+
+    import torch
+
+    if precision != "bf16":
+        return contextlib.nullcontext
+    if device.type == "cpu" and not bf16_native():
+        print("train: precision bf16 on a CPU without native bfloat16 (AVX512-BF16/AMX): emulated, likely slower "
+              "than fp32; set train.precision: fp32", flush=True)  # fmt: skip
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def lr_schedule(opt, warmup_steps: int, total_steps: int):
     """torch's schedulers: linear warm-up from ``1/warmup_steps`` to 1, then cosine annealing to 0 (per step)."""
     from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
@@ -127,6 +150,7 @@ class TorchFit:
         self.channels_last = spec.family == "cnn" and spec.spatial_dims == 3 and device.type == "cpu"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
+        self.autocast = autocast_context(tp.precision, device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
         n = len(data.train_x)
         self.steps_per_epoch = sum(1 for i in range(0, n, tp.batch_size) if n - i >= 2)
@@ -216,7 +240,9 @@ class TorchFit:
             xb, yb = self.batch(idx)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last_3d)
-            logits = self.model(xb)
+            with self.autocast():
+                logits = self.model(xb)
+            logits = logits.float()  # the loss (and its softmax) in float32 whatever the forward ran in
             loss = self.loss_fn(logits, yb)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

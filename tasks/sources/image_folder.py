@@ -50,7 +50,7 @@ import numpy as np
 from tasks.sources.masks import Geometry, check_mask_values, geometry_mismatch
 
 if TYPE_CHECKING:
-    from tasks.config import IngestParams
+    from tasks.schema import IngestParams
     from tasks.sources.records import ImageRecord
 
 QuarantineRow = tuple[str, str, str]
