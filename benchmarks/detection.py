@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import segmentation as seg  # noqa: E402
-from benchmarks.medmnist import parse_sets  # noqa: E402
+from benchmarks.medmnist import parse_sets, write_figures  # noqa: E402
 from tasks.config import apply_overrides, read_yaml  # noqa: E402
 
 RECIPE = Path(__file__).with_name("det_recipe.yaml")
@@ -530,10 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run_benchmark(args)
     print()
     print(format_table(res))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"figures -> {args.out}")
+    write_figures(args.out, res)
 
 
 if __name__ == "__main__":

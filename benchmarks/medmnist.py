@@ -173,6 +173,14 @@ def time_loop(model, opt, ema, loss_fn, batch, bs: int, device, steps: int, warm
     return {"samples_per_s": bs * steps / sum(totals.values()), "ms": {k: 1000 * v / steps for k, v in totals.items()}}
 
 
+def write_figures(path: Path | None, res: dict[str, Any]) -> None:
+    """Write a benchmark's figures as JSON to ``path`` (parents created) and say where; nothing for None."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"figures -> {path}")
+
+
 def default_medmnist_root() -> None:
     """Without $MEDMNIST_ROOT, use ../shared/data/medmnist beside the checkout when it exists."""
     if not os.environ.get("MEDMNIST_ROOT"):
@@ -361,9 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run_benchmark(args)
     print()
     print(format_table(res))
-    if args.out:
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"figures -> {args.out}")
+    write_figures(args.out, res)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.medmnist import parse_sets, recipe_overrides  # noqa: E402
+from benchmarks.medmnist import parse_sets, recipe_overrides, write_figures  # noqa: E402
 from benchmarks.segmentation import RECIPE, split_params, timed_seg_steps  # noqa: E402
 
 
@@ -96,10 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     res["recipe"] = str(args.recipe.resolve().relative_to(REPO)) if args.recipe.resolve().is_relative_to(REPO) else str(
         args.recipe)
     print(f"pipeline/bare (median of {args.rounds} interleaved rounds): {res['ratio']:.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"figures -> {args.out}")
+    write_figures(args.out, res)
 
 
 if __name__ == "__main__":

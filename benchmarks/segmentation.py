@@ -42,7 +42,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.medmnist import _mean_or_none, check_data_hash, mean_sd, parse_sets, time_loop  # noqa: E402
+from benchmarks.medmnist import (  # noqa: E402
+    _mean_or_none,
+    check_data_hash,
+    mean_sd,
+    parse_sets,
+    time_loop,
+    write_figures,
+)
 from tasks.config import Params, load_params, read_yaml  # noqa: E402
 
 RECIPE = Path(__file__).with_name("seg_recipe.yaml")
@@ -409,10 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run_benchmark(args)
     print()
     print(format_table(res))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"figures -> {args.out}")
+    write_figures(args.out, res)
 
 
 if __name__ == "__main__":

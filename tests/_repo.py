@@ -79,3 +79,19 @@ def tree_digest(root: Path) -> dict[str, str]:
         return {}
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def run_pipeline_flow(repo: Path) -> dict[str, Any]:
+    """The pipeline flow on ``repo`` under a real Prefect test server, tracking in the repo's own sqlite store
+    (``MLFLOW_TRACKING_URI`` unset for the run, restored after); returns the flow's result."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            return pipeline(repo=str(repo))
+    finally:
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old

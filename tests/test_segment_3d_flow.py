@@ -6,12 +6,11 @@ volumes, predictions go back as multi-frame DICOM SEG, and the Core ML package t
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-from tests._repo import TINY, copy_repo
+from tests._repo import TINY, copy_repo, run_pipeline_flow
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +36,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(repo):
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.pipeline import pipeline
-
-    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            return pipeline(repo=str(repo))
-    finally:
-        if old is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = old
+    return run_pipeline_flow(repo)
 
 
 def test_volumes_train_on_patches_and_register(repo, result):

@@ -5,12 +5,11 @@ written back as DICOM SEG, exported to Core ML and registered beside the classif
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-from tests._repo import TINY_SEGMENT, copy_repo, dvc
+from tests._repo import TINY_SEGMENT, copy_repo, dvc, run_pipeline_flow
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +21,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(repo):
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.pipeline import pipeline
-
-    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            return pipeline(repo=str(repo))
-    finally:
-        if old is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = old
+    return run_pipeline_flow(repo)
 
 
 def test_both_tasks_run_and_register_a_champion(repo, result):
